@@ -1,0 +1,62 @@
+"""The command line: serve the API, apply migrations, run the shipped host agent."""
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from app.db import resolve_database_url
+from app.logs import configure_logging
+from app.migrate import upgrade
+from app.settings import get_settings
+
+cli = typer.Typer(help="vTPM cleanup service", no_args_is_help=True, add_completion=False)
+log = logging.getLogger("app")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+) -> None:
+    """Apply pending migrations, then serve the API and run the job worker."""
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    database_url = resolve_database_url(settings)
+    upgrade(database_url)
+    from app.main import create_app
+
+    app = create_app(settings, database_url=database_url)
+    uvicorn.run(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=30)
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply pending database migrations and exit."""
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    upgrade(resolve_database_url(settings))
+    log.info("database schema is up to date")
+
+
+@cli.command()
+def agent(
+    root: Annotated[Path, typer.Option(help="Only files whose real path lies under this folder are deleted")],
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8100,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="AGENT_TOKEN", help="Bearer token callers must send", show_default=False),
+    ] = None,
+    delay: Annotated[float, typer.Option(help="Seconds to wait before answering (simulates a slow host)")] = 0.0,
+) -> None:
+    """Run the host agent that deletes TPM and NVRAM files under ROOT."""
+    from app.agent_server import serve_agent
+
+    configure_logging(get_settings().log_level)
+    if not root.is_dir():
+        raise typer.BadParameter(f"{root} is not a directory", param_hint="--root")
+    asyncio.run(serve_agent(root, host=host, port=port, token=token, delay_seconds=delay))

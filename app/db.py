@@ -1,0 +1,90 @@
+"""The database engine and session factory, and how a settings object becomes a database URL."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from app.embedded_db import start_embedded_postgres
+from app.settings import Settings
+
+# How long a connection attempt may take before the database counts as unreachable (answers 503).
+CONNECT_TIMEOUT_SECONDS = 3.0
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The SQLAlchemy URL to use: DATABASE_URL, or the embedded server's, started on demand."""
+    if settings.database_url:
+        return settings.database_url
+    return start_embedded_postgres(settings.data_dir)
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """The same URL in the plain form asyncpg.connect takes (for the LISTEN connection)."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_engine(database_url: str, *, pool_size: int = 20) -> AsyncEngine:
+    """An engine whose pool survives database restarts (pre-ping) and fails fast while the database is down."""
+    return create_async_engine(
+        database_url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_timeout=CONNECT_TIMEOUT_SECONDS,
+        pool_recycle=1800,
+        connect_args={"timeout": CONNECT_TIMEOUT_SECONDS, "server_settings": {"application_name": "vtpm"}},
+    )
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions whose objects stay readable after commit, as the API answers from them."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session in one transaction: committed when the block ends, rolled back when it raises."""
+    async with factory() as session, session.begin():
+        yield session
+
+
+def is_database_unavailable(error: BaseException) -> bool:
+    """Whether an error means the database could not be reached, as opposed to a bad statement."""
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        error = error.orig if error.orig is not None else error
+        # asyncpg's own error travels as __cause__ of the DBAPI adapter's exception.
+        if error.__cause__ is not None:
+            error = error.__cause__
+    if isinstance(error, sa_exc.TimeoutError):  # the pool could not hand out a connection in time
+        return True
+    return isinstance(
+        error,
+        OSError
+        | asyncio.TimeoutError
+        | asyncpg.exceptions.ConnectionDoesNotExistError
+        | asyncpg.exceptions.CannotConnectNowError
+        | asyncpg.exceptions.AdminShutdownError
+        | asyncpg.exceptions.ConnectionFailureError
+        | asyncpg.exceptions.TooManyConnectionsError
+        | asyncpg.exceptions.InterfaceError,
+    ) or (
+        isinstance(error, asyncpg.exceptions.PostgresError) and getattr(error, "sqlstate", "").startswith(("08", "57P"))
+    )
+
+
+async def ping(engine: AsyncEngine, timeout: float = 1.0) -> bool:
+    """Whether the database answers a trivial query within `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,176 @@
+"""The job table as a queue: claim with SKIP LOCKED, leases, fencing tokens, and reading jobs back.
+
+Every write a worker makes for a job it claimed starts with `fence`, which renews the lease *and* locks the
+job row only if the worker's token is still the job's. A worker whose lease was taken over (it stalled, it
+was cut off) finds no row there and stops before writing anything else, so it can never finish a job a
+second time or overwrite the outcome another worker recorded.
+"""
+
+from dataclasses import dataclass
+from uuid import UUID
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import LeaseLostError, NotFoundError
+from app.models import Job, JobHost
+from app.pagination import Page, cursor_uuid, decode_cursor, page_of
+from app.schemas import JobHostOut, JobOut
+
+_CLAIM = text("""
+UPDATE jobs SET
+    state = 'running',
+    lease_token = gen_random_uuid(),
+    lease_expires_at = now() + :lease * interval '1 second',
+    started_at = coalesce(started_at, now()),
+    attempts = attempts + 1
+WHERE id IN (
+    SELECT id FROM jobs
+    WHERE (state = 'queued' AND run_after <= now())
+       OR (state = 'running' AND lease_expires_at < now())
+    ORDER BY run_after
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, vm_uuid, tpm_uuid, lease_token, attempts
+""")
+
+_FENCE = text("""
+UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second'
+WHERE id = :job_id AND lease_token = :token AND state = 'running'
+RETURNING id
+""")
+
+_RENEW = text("""
+UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second'
+FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[])) AS held(id, token)
+WHERE jobs.id = held.id AND jobs.lease_token = held.token AND jobs.state = 'running'
+RETURNING jobs.id
+""")
+
+_RELEASE = text("""
+UPDATE jobs SET state = 'queued', lease_token = NULL, lease_expires_at = NULL
+WHERE id = :job_id AND lease_token = :token AND state = 'running'
+""")
+
+# A failed cleanup is retried after a backoff; after max_failures failures the job is failed for good.
+_RECORD_FAILURE = text("""
+UPDATE jobs SET
+    failures = failures + 1,
+    error = :error,
+    state = CASE WHEN failures + 1 >= :max_failures THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN failures + 1 >= :max_failures THEN now() END,
+    run_after = now() + least(60, power(2, failures)) * interval '1 second',
+    lease_token = NULL,
+    lease_expires_at = NULL
+WHERE id = :job_id AND lease_token = :token AND state = 'running'
+RETURNING state
+""")
+
+
+@dataclass(frozen=True)
+class JobClaim:
+    """A job a worker holds, with the fencing token of its claim."""
+
+    job_id: UUID
+    vm_uuid: UUID
+    tpm_uuid: UUID
+    token: UUID
+    attempt: int
+
+
+async def claim_jobs(session: AsyncSession, *, limit: int, lease_seconds: float) -> list[JobClaim]:
+    """Claim up to `limit` jobs that are queued, or running under a lease that ran out."""
+    rows = await session.execute(_CLAIM, {"limit": limit, "lease": lease_seconds})
+    return [JobClaim(r.id, r.vm_uuid, r.tpm_uuid, r.lease_token, r.attempts) for r in rows]
+
+
+async def fence(session: AsyncSession, claim: JobClaim, *, lease_seconds: float) -> None:
+    """Renew the claim's lease and lock the job row for this transaction, or raise LeaseLostError."""
+    row = await session.execute(_FENCE, {"job_id": claim.job_id, "token": claim.token, "lease": lease_seconds})
+    if row.first() is None:
+        raise LeaseLostError(f"job {claim.job_id}: lease was taken over")
+
+
+async def renew_leases(session: AsyncSession, claims: list[JobClaim], *, lease_seconds: float) -> set[UUID]:
+    """Renew the leases of all `claims` in one statement; the ids whose lease is still ours."""
+    if not claims:
+        return set()
+    rows = await session.execute(
+        _RENEW,
+        {
+            "ids": [c.job_id for c in claims],
+            "tokens": [c.token for c in claims],
+            "lease": lease_seconds,
+        },
+    )
+    return {r.id for r in rows}
+
+
+async def release_job(session: AsyncSession, claim: JobClaim) -> None:
+    """Hand a job back to the queue at once (at shutdown), so another process need not wait for the lease."""
+    await session.execute(_RELEASE, {"job_id": claim.job_id, "token": claim.token})
+
+
+async def record_job_failure(session: AsyncSession, claim: JobClaim, error: str, *, max_failures: int) -> str | None:
+    """Count a failed cleanup: requeue the job with a backoff, or fail it. Its new state, None if not ours."""
+    row = await session.execute(
+        _RECORD_FAILURE,
+        {"job_id": claim.job_id, "token": claim.token, "error": error, "max_failures": max_failures},
+    )
+    state = row.scalar_one_or_none()
+    return str(state) if state is not None else None
+
+
+async def get_job(session: AsyncSession, job_id: UUID) -> JobOut:
+    """The job as the API shows it, or NotFoundError."""
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise NotFoundError(f"job {job_id} does not exist")
+    return (await _with_hosts(session, [job]))[0]
+
+
+async def list_jobs(session: AsyncSession, *, vm_uuid: UUID | None, limit: int, after: str | None) -> Page[JobOut]:
+    """A page of jobs, newest first, optionally of one VM."""
+    statement = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if vm_uuid is not None:
+        statement = statement.where(Job.vm_uuid == vm_uuid)
+    if after is not None:
+        created_at, last_id = decode_cursor(after, 2)
+        statement = statement.where(
+            text("(jobs.created_at, jobs.id) < (CAST(:after_created AS timestamptz), :after_id)").bindparams(
+                after_created=created_at, after_id=cursor_uuid(last_id)
+            )
+        )
+    jobs = list(await session.scalars(statement))
+    page = page_of(jobs, limit, lambda j: [j.created_at.isoformat(), str(j.id)])
+    return Page(await _with_hosts(session, page.items), page.next_cursor)
+
+
+async def _with_hosts(session: AsyncSession, jobs: list[Job]) -> list[JobOut]:
+    """Attach each job's host outcomes, read in one query for all of them."""
+    hosts: dict[UUID, list[JobHostOut]] = {job.id: [] for job in jobs}
+    if jobs:
+        rows = await session.scalars(
+            select(JobHost).where(JobHost.job_id.in_(hosts)).order_by(JobHost.job_id, JobHost.host_uuid)
+        )
+        for row in rows:
+            hosts[row.job_id].append(
+                JobHostOut(host_uuid=row.host_uuid, files=row.files, state=row.state, error=row.error)
+            )
+    return [
+        JobOut(
+            id=job.id,
+            type="remove-tpm",
+            vm_uuid=job.vm_uuid,
+            tpm_uuid=job.tpm_uuid,
+            state=job.state,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            hosts=hosts[job.id],
+            orphan_files=job.orphan_files,
+            error=job.error,
+        )
+        for job in jobs
+    ]

@@ -1,0 +1,113 @@
+"""The FastAPI application: routers, error handling, and the lifespan that owns every shared resource."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import aiohttp
+from fastapi import APIRouter, Depends, FastAPI
+
+from app.agent_client import AgentClient
+from app.api import health, hosts, jobs, orphans, tpm, vms
+from app.api.deps import require_token
+from app.api.errors import install_error_handlers
+from app.api.limits import BodySizeLimit
+from app.db import asyncpg_dsn, create_engine, create_session_factory, resolve_database_url
+from app.notify import Notifications
+from app.orphans import OrphanReaper
+from app.removal import Removal
+from app.settings import Settings, get_settings
+from app.worker import Worker
+
+log = logging.getLogger(__name__)
+
+# How long a stopping process lets its running jobs go on before it hands them back.
+SHUTDOWN_GRACE_MARGIN_SECONDS = 2.0
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Create the engine, the HTTP client, the LISTEN connection and the worker; close them in reverse."""
+    settings: Settings = app.state.settings
+    database_url = app.state.database_url or resolve_database_url(settings)
+    if settings.api_token is None:
+        log.warning("API_TOKEN is not set: the API accepts every caller")
+    engine = create_engine(database_url, pool_size=settings.db_pool_size)
+    sessions = create_session_factory(engine)
+    http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.agent_concurrency, limit_per_host=0),
+        # Agent calls are bounded by AgentClient; the session's own 5-minute default must not cut in first.
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    agent = AgentClient(
+        http,
+        timeout_seconds=settings.agent_timeout_seconds,
+        concurrency=settings.agent_concurrency,
+        token=settings.agent_token.get_secret_value() if settings.agent_token else None,
+    )
+    notifications = Notifications(asyncpg_dsn(database_url))
+    listener = asyncio.create_task(notifications.run(), name="listen")
+    worker = Worker(
+        sessions,
+        Removal(sessions, agent, orphan_retry_seconds=settings.orphan_retry_seconds),
+        OrphanReaper(
+            sessions,
+            agent,
+            retry_seconds=settings.orphan_retry_seconds,
+            retry_max_seconds=settings.orphan_retry_max_seconds,
+            call_timeout_seconds=settings.agent_timeout_seconds,
+        ),
+        notifications,
+        lease_seconds=settings.job_lease_seconds,
+        poll_seconds=settings.worker_poll_seconds,
+        max_jobs=settings.worker_max_jobs,
+        max_failures=settings.job_max_failures,
+    )
+    app.state.engine = engine
+    app.state.sessions = sessions
+    app.state.agent = agent
+    app.state.notifications = notifications
+    app.state.worker = worker
+    if app.state.run_worker:
+        worker.start()
+    try:
+        yield
+    finally:
+        if app.state.run_worker:
+            await worker.stop(grace_seconds=settings.agent_timeout_seconds + SHUTDOWN_GRACE_MARGIN_SECONDS)
+        listener.cancel()
+        with suppress(asyncio.CancelledError):
+            await listener
+        await http.close()
+        await engine.dispose()
+
+
+def create_app(
+    settings: Settings | None = None, *, database_url: str | None = None, run_worker: bool = True
+) -> FastAPI:
+    """The service's ASGI app; `database_url` overrides the settings (tests), `run_worker` runs jobs here."""
+    app = FastAPI(
+        title="vTPM cleanup service",
+        version="0.1.0",
+        description=(
+            "Removes a VM's virtual TPM: deletes its state files (and NVRAM unless the VM uses secure "
+            "boot) on every KVM host that holds them, then the database records and the TPM's key-provider "
+            "binding in one transaction. Host deletes are best-effort: a host that fails is reported in "
+            "the job and its files become orphan files, retried until the host confirms.\n\n"
+            "Every error is `application/problem+json` (RFC 9457). When `API_TOKEN` is set, every endpoint "
+            "but health, metrics and the docs needs `Authorization: Bearer <token>` (use Authorize)."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or get_settings()
+    app.state.database_url = database_url
+    app.state.run_worker = run_worker
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit)
+    app.include_router(health.router)
+    protected = APIRouter(dependencies=[Depends(require_token)])
+    for module in (hosts, vms, tpm, jobs, orphans):
+        protected.include_router(module.router)
+    app.include_router(protected)
+    return app

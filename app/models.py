@@ -1,0 +1,225 @@
+"""The database tables of the service.
+
+Inventory (hosts, VMs, TPMs, key bindings, host files) is filled by the systems that own hosts and VMs.
+Jobs, their per-host outcomes and their planned files are the durable removal queue. Orphan files and
+the two append-only ledgers (every file ever recorded, every deletion a host confirmed) are what makes
+"no file is ever forgotten" checkable by `python -m app audit`.
+"""
+
+from datetime import datetime
+from uuid import UUID
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+FILE_TYPES = ("TpmState", "NvRam")
+JOB_STATES = ("queued", "running", "succeeded", "failed")
+ACTIVE_JOB_STATES = ("queued", "running")
+HOST_STATES = ("pending", "deleted", "failed")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    """A CHECK expression that keeps a text column to a fixed set of values."""
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Host(Base):
+    """A KVM host and the URL of its agent."""
+
+    __tablename__ = "hosts"
+
+    uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    agent_url: Mapped[str] = mapped_column(String(2048), nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Vm(Base):
+    """A virtual machine; secure_boot decides whether its NVRAM files go with its TPM."""
+
+    __tablename__ = "vms"
+
+    uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    secure_boot: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Tpm(Base):
+    """A VM's virtual TPM; a VM has at most one."""
+
+    __tablename__ = "tpms"
+
+    uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    vm_uuid: Mapped[UUID] = mapped_column(
+        Uuid, ForeignKey("vms.uuid", ondelete="RESTRICT"), nullable=False, unique=True
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class TpmKeyBinding(Base):
+    """The binding of a TPM to the key provider that encrypts its state; goes with the TPM."""
+
+    __tablename__ = "tpm_key_bindings"
+
+    tpm_uuid: Mapped[UUID] = mapped_column(Uuid, ForeignKey("tpms.uuid", ondelete="RESTRICT"), primary_key=True)
+    key_provider_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class HostFile(Base):
+    """A file a VM keeps on a host: TPM state or NVRAM, original or backup."""
+
+    __tablename__ = "host_files"
+    __table_args__ = (
+        # One record per file on a host: the same path recorded twice would be deleted twice.
+        UniqueConstraint("host_uuid", "path", name="uq_host_files_host_path"),
+        CheckConstraint(_in("type", FILE_TYPES), name="ck_host_files_type"),
+        Index("ix_host_files_vm_uuid", "vm_uuid"),
+    )
+
+    uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    vm_uuid: Mapped[UUID] = mapped_column(Uuid, ForeignKey("vms.uuid", ondelete="RESTRICT"), nullable=False)
+    host_uuid: Mapped[UUID] = mapped_column(Uuid, ForeignKey("hosts.uuid", ondelete="RESTRICT"), nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    type: Mapped[str] = mapped_column(String(16), nullable=False)
+    backup: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class FileLedger(Base):
+    """Append-only: every host file the service ever recorded, kept after its record is deleted."""
+
+    __tablename__ = "file_ledger"
+
+    file_uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    vm_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    host_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    recorded_at: Mapped[datetime] = _created_at()
+
+
+class ConfirmedDeletion(Base):
+    """Append-only: a host confirmed that a file is gone (deleted or already missing)."""
+
+    __tablename__ = "confirmed_deletions"
+
+    file_uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    host_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    job_id: Mapped[UUID | None] = mapped_column(Uuid, nullable=True)
+    confirmed_at: Mapped[datetime] = _created_at()
+
+
+class Job(Base):
+    """A removal job: the queue row that workers claim, lease and fence."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in("state", JOB_STATES), name="ck_jobs_state"),
+        # One active removal per VM: concurrent DELETEs share it (the API also serialises on the VM row).
+        Index(
+            "uq_jobs_one_active_per_vm",
+            "vm_uuid",
+            unique=True,
+            postgresql_where=text("state IN ('queued', 'running')"),
+        ),
+        Index("ix_jobs_vm_uuid_created_at", "vm_uuid", "created_at"),
+        Index("ix_jobs_created_at", "created_at"),
+        # The claim query scans only active jobs, oldest first.
+        Index(
+            "ix_jobs_claimable",
+            "run_after",
+            postgresql_where=text("state IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    type: Mapped[str] = mapped_column(String(32), nullable=False, server_default="remove-tpm")
+    vm_uuid: Mapped[UUID] = mapped_column(Uuid, ForeignKey("vms.uuid", ondelete="RESTRICT"), nullable=False)
+    tpm_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, server_default="queued")
+    created_at: Mapped[datetime] = _created_at()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Not before this time may a worker claim the job (backoff after a failed cleanup).
+    run_after: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Fencing: every claim draws a new token; every write of the job's worker carries it in its WHERE.
+    lease_token: Mapped[UUID | None] = mapped_column(Uuid)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    failures: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    planned: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+    orphan_files: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class JobHost(Base):
+    """One host of a job: how many files it holds for the job and how its delete call ended."""
+
+    __tablename__ = "job_hosts"
+    __table_args__ = (CheckConstraint(_in("state", HOST_STATES), name="ck_job_hosts_state"),)
+
+    job_id: Mapped[UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    host_uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    files: Mapped[int] = mapped_column(Integer, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class JobFile(Base):
+    """A file a job planned to remove, copied so the plan survives the deletion of its record."""
+
+    __tablename__ = "job_files"
+    __table_args__ = (Index("ix_job_files_job_host", "job_id", "host_uuid"),)
+
+    job_id: Mapped[UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    file_uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    host_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    type: Mapped[str] = mapped_column(String(16), nullable=False)
+
+
+class OrphanFile(Base):
+    """A file whose host did not confirm its deletion; retried with backoff until it does."""
+
+    __tablename__ = "orphan_files"
+    __table_args__ = (
+        CheckConstraint(_in("type", FILE_TYPES), name="ck_orphan_files_type"),
+        Index("ix_orphan_files_due", "next_attempt_at"),
+        Index("ix_orphan_files_host_uuid", "host_uuid", "uuid"),
+    )
+
+    uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    host_uuid: Mapped[UUID] = mapped_column(Uuid, ForeignKey("hosts.uuid", ondelete="RESTRICT"), nullable=False)
+    vm_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    job_id: Mapped[UUID | None] = mapped_column(Uuid)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    type: Mapped[str] = mapped_column(String(16), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # Fencing of the reaper: a claim draws a token and pushes next_attempt_at past the call's end.
+    claim_token: Mapped[UUID | None] = mapped_column(Uuid)
+    created_at: Mapped[datetime] = _created_at()

@@ -1,0 +1,42 @@
+"""Every setting of the service, read from the environment (see CONTRACT.md, Configuration)."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """The service's configuration; each field is the environment variable of the same name, upper-cased."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql+asyncpg:// URL; unset starts an embedded PostgreSQL under data_dir",
+    )
+    api_token: SecretStr | None = None
+    agent_token: SecretStr | None = None
+    agent_timeout_seconds: float = Field(default=10.0, gt=0)
+    agent_concurrency: int = Field(default=64, ge=1)
+    orphan_retry_seconds: float = Field(default=30.0, gt=0)
+    # Backoff of orphan retries doubles from orphan_retry_seconds up to this cap.
+    orphan_retry_max_seconds: float = Field(default=3600.0, gt=0)
+    job_lease_seconds: float = Field(default=30.0, gt=0)
+    # A cleanup transaction that fails for a reason other than a database outage is retried this often
+    # before the job is marked failed.
+    job_max_failures: int = Field(default=5, ge=1)
+    # How often idle workers look for expired leases and due orphans when no notification woke them.
+    worker_poll_seconds: float = Field(default=1.0, gt=0)
+    # Most removal jobs one process runs at once (their agent calls share AGENT_CONCURRENCY).
+    worker_max_jobs: int = Field(default=64, ge=1)
+    db_pool_size: int = Field(default=20, ge=1)
+    data_dir: Path = Path(".data")
+    log_level: str = "INFO"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

@@ -1,0 +1,96 @@
+"""Test fixtures: a real PostgreSQL (embedded, or TEST_DATABASE_URL's server), the app, and HTTP clients."""
+
+import asyncio
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import make_url
+
+from app.db import asyncpg_dsn
+from app.embedded_db import start_embedded_postgres
+from app.main import create_app
+from app.migrate import upgrade
+from app.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+async def create_database(server_url: str) -> str:
+    """A new, empty database on the server of `server_url`; its URL."""
+    name = f"vtpm_test_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    """The PostgreSQL server the tests use: TEST_DATABASE_URL's, or an embedded one in a temporary folder."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        return os.environ["TEST_DATABASE_URL"]
+    return start_embedded_postgres(Path(tempfile.mkdtemp(prefix="vtpm-test-pg-")))
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_url: str) -> str:
+    """A database for this test session, migrated to head."""
+    url = await create_database(server_url)
+    await asyncio.to_thread(upgrade, url)
+    return url
+
+
+def test_settings(**overrides: Any) -> Settings:
+    """Settings with short intervals so that leases, retries and polls happen within a test."""
+    values: dict[str, Any] = {
+        "api_token": None,
+        "agent_token": None,
+        "agent_timeout_seconds": 2.0,
+        "orphan_retry_seconds": 0.3,
+        "orphan_retry_max_seconds": 1.0,
+        "job_lease_seconds": 3.0,
+        "worker_poll_seconds": 0.2,
+        "db_pool_size": 10,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+AppFactory = Callable[..., Awaitable[httpx.AsyncClient]]
+
+
+@pytest.fixture
+async def make_client(database_url: str) -> AsyncIterator[AppFactory]:
+    """Start the app (lifespan, worker and all) with settings overrides; an httpx client bound to it."""
+    stack: list[tuple[FastAPI, Any, httpx.AsyncClient]] = []
+
+    async def start(*, run_worker: bool = True, **overrides: Any) -> httpx.AsyncClient:
+        app = create_app(test_settings(**overrides), database_url=database_url, run_worker=run_worker)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+        client.app = app  # type: ignore[attr-defined]
+        stack.append((app, lifespan, client))
+        return client
+
+    yield start
+    for _, lifespan, client in reversed(stack):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def client(make_client: AppFactory) -> httpx.AsyncClient:
+    """A client of the app with default test settings, worker running."""
+    return await make_client()
