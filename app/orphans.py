@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import random
 from dataclasses import dataclass
 from uuid import UUID, uuid4
 
@@ -37,15 +38,16 @@ SELECT uuid, host_uuid, path, job_id FROM gone
 ON CONFLICT (file_uuid) DO NOTHING
 """)
 
-# Exponential backoff from ORPHAN_RETRY_SECONDS, capped, with ±20 % jitter so that orphans of one host
-# that failed together do not all come due in the same instant forever.
+# Exponential backoff from ORPHAN_RETRY_SECONDS, capped, with ±20 % jitter so that the orphans of many
+# hosts that failed together do not all come due in the same instant forever. One jitter for a whole
+# group keeps a host's orphans due together, so they keep going out in one call.
 _BACK_OFF = text("""
 UPDATE orphan_files SET
     attempts = attempts + 1,
     last_error = :error,
     claim_token = NULL,
     next_attempt_at = now()
-        + least(:cap, :base * power(2, attempts)) * (0.8 + 0.4 * random()) * interval '1 second'
+        + least(:cap, :base * power(2, attempts)) * :jitter * interval '1 second'
 WHERE uuid = ANY(CAST(:uuids AS uuid[])) AND claim_token = :token
 """)
 
@@ -152,6 +154,7 @@ class OrphanReaper:
                     "error": result.error,
                     "base": self._retry_seconds,
                     "cap": self._retry_max_seconds,
+                    "jitter": random.uniform(0.8, 1.2),
                 },
             )
         log.warning(

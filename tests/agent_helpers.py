@@ -1,12 +1,16 @@
 """Test helpers that run aiohttp applications (the shipped agent or hand-made peers) on loopback."""
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from app.agent_server import create_agent_app
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @asynccontextmanager
@@ -32,3 +36,62 @@ async def running_agent(root: Path, *, token: str | None = None, delay_seconds: 
     """Run the shipped host agent, confined to `root`, on a free loopback port; yields its base URL."""
     async with running_app(create_agent_app(root, token=token, delay_seconds=delay_seconds)) as url:
         yield url
+
+
+class RecordingAgent:
+    """The shipped agent behind a recorder: counts calls and calls in flight, and can fail or hold calls.
+
+    `mode` is "ok" (the real agent answers and deletes the files), or a failure: "http500",
+    "success_false", "bad_json", "partial" (confirms none of the paths), or "slow" (answers as the
+    real agent after `slow_seconds`). `hold` is an event the test clears to hold calls open.
+    """
+
+    def __init__(self, root: Path, *, mode: str = "ok", slow_seconds: float = 0.0) -> None:
+        self.root = root
+        self.mode = mode
+        self.slow_seconds = slow_seconds
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.calls: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def app(self) -> web.Application:
+        """The shipped agent's app with the recorder in front of its handler."""
+        app = create_agent_app(self.root)
+        app.middlewares.append(self._record)
+        return app
+
+    @property
+    def paths_sent(self) -> list[str]:
+        """Every path named in any call, in order, repeats included."""
+        return [f["path"] for call in self.calls for f in call["files"]]
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.calls.append(await request.json())  # the body stays readable for the handler
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.hold.wait()
+            if self.mode == "slow":
+                await asyncio.sleep(self.slow_seconds)
+            if self.mode == "http500":
+                return web.Response(status=500, text="boom")
+            if self.mode == "success_false":
+                return web.json_response({"success": False, "error": "disk on fire"})
+            if self.mode == "bad_json":
+                return web.Response(text="{not json", content_type="application/json")
+            if self.mode == "partial":
+                return web.json_response({"success": True, "deleted": [], "missing": []})
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+
+
+@asynccontextmanager
+async def running_recording_agent(root: Path, **kwargs: Any) -> AsyncIterator[tuple[str, RecordingAgent]]:
+    """Run a RecordingAgent on a free loopback port; yields its URL and the agent."""
+    agent = RecordingAgent(root, **kwargs)
+    async with running_app(agent.app()) as url:
+        yield url, agent

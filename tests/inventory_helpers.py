@@ -1,5 +1,6 @@
 """Helpers that fill the inventory through the API, each with fresh UUIDs so tests never collide."""
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,29 @@ def make_files(root: Path, vm_uuid: str, *names: str) -> list[Path]:
         path.write_bytes(b"state")
         paths.append(path)
     return paths
+
+
+async def wait_for_job(client: httpx.AsyncClient, job_id: str, *, timeout: float = 30.0) -> dict[str, Any]:
+    """Follow a job with the long-poll until it has ended; the final job."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    answer = await client.get(f"/jobs/{job_id}")
+    while True:
+        assert answer.status_code in (200, 304), answer.text
+        if answer.status_code == 200:
+            job: dict[str, Any] = answer.json()
+            if job["state"] in ("succeeded", "failed"):
+                return job
+        remaining = deadline - asyncio.get_running_loop().time()
+        assert remaining > 0, f"job {job_id} did not end within {timeout} s: {job}"
+        answer = await client.get(
+            f"/jobs/{job_id}",
+            params={"wait": min(remaining, 5)},
+            headers={"If-None-Match": answer.headers["ETag"]},
+        )
+
+
+async def remove_tpm(client: httpx.AsyncClient, vm_uuid: str, *, timeout: float = 30.0) -> dict[str, Any]:
+    """DELETE the VM's TPM and wait for the job to end; the final job."""
+    answer = await client.delete(f"/vms/{vm_uuid}/tpm")
+    assert answer.status_code == 202, answer.text
+    return await wait_for_job(client, answer.json()["id"], timeout=timeout)
