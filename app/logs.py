@@ -6,6 +6,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from app.request_id import RequestIdFilter
+
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
@@ -49,6 +51,7 @@ def configure_logging(level: str = "INFO") -> None:
     """Send the root logger to stderr in the format that suits where stderr goes."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter() if sys.stderr.isatty() else JsonFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -11,12 +11,15 @@ from fastapi import APIRouter, Depends, FastAPI
 from app.agent_client import AgentClient
 from app.api import health, hosts, jobs, orphans, tpm, vms
 from app.api.deps import require_token
+from app.api.docs import add_offline_docs
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.db import asyncpg_dsn, create_engine, create_session_factory, resolve_database_url
+from app.metrics import HttpMetrics
 from app.notify import Notifications
 from app.orphans import OrphanReaper
 from app.removal import Removal
+from app.request_id import add_request_ids
 from app.settings import Settings, get_settings
 from app.worker import Worker
 
@@ -99,13 +102,19 @@ def create_app(
             "but health, metrics and the docs needs `Authorization: Bearer <token>` (use Authorize)."
         ),
         lifespan=lifespan,
+        # Served by add_offline_docs from installed assets instead of a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings or get_settings()
     app.state.database_url = database_url
     app.state.run_worker = run_worker
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit)
+    app.add_middleware(HttpMetrics)
+    add_request_ids(app)
     app.include_router(health.router)
+    add_offline_docs(app)
     protected = APIRouter(dependencies=[Depends(require_token)])
     for module in (hosts, vms, tpm, jobs, orphans):
         protected.include_router(module.router)
