@@ -21,8 +21,15 @@ def _utc_rfc3339(value: datetime) -> str:
 UtcTime = Annotated[datetime, PlainSerializer(_utc_rfc3339, return_type=str)]
 
 
+def _check_no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL: refused here it is a 422, not a database error (500).
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
 def _check_agent_url(value: str) -> str:
-    parts = urlsplit(value)
+    parts = urlsplit(_check_no_nul(value))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
     if parts.query or parts.fragment or parts.username or parts.password:
@@ -35,9 +42,7 @@ def _check_agent_url(value: str) -> str:
 
 
 def _check_host_path(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain a NUL character")
-    if len(value.encode()) > MAX_PATH_BYTES:
+    if len(_check_no_nul(value).encode()) > MAX_PATH_BYTES:
         raise ValueError(f"must be at most {MAX_PATH_BYTES} bytes")
     if not value.startswith("/"):
         raise ValueError("must be absolute")
@@ -60,7 +65,7 @@ HostPath = Annotated[
     ),
     AfterValidator(_check_host_path),
 ]
-Name = Annotated[str, Field(min_length=1, max_length=255)]
+Name = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_check_no_nul)]
 
 
 class _Body(BaseModel):
