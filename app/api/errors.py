@@ -32,6 +32,9 @@ def problem(status: int, detail: str, *, headers: dict[str, str] | None = None) 
 def _describe_validation(errors: list[Any]) -> str:
     parts = []
     for error in errors:
+        if error.get("type") == "json_invalid":
+            parts.append(f"body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}")
+            continue
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
