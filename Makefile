@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $(INSTALLED)
 
 run: $(INSTALLED)  ## start the service on 127.0.0.1:8000 (embedded PostgreSQL under .data/ unless DATABASE_URL)
@@ -21,6 +21,9 @@ lint: $(INSTALLED)
 
 test: lint  ## ruff, mypy and the whole pytest suite against a real PostgreSQL
 	$(PY) -m pytest
+
+bench: $(INSTALLED)  ## the benchmark: fan-out, throughput against a bare baseline, SQL per job, memory (docs/BENCHMARK.md)
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

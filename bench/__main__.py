@@ -1,0 +1,280 @@
+"""`python -m bench`: the service's benchmark, in one run on a fresh database (see docs/BENCHMARK.md).
+
+Starts the service (`python -m app serve`) and the bare baseline app as real processes, and a fleet of the
+shipped host agents inside this process, then prints the fan-out ratio, the physical-limit ratio, the SQL
+cost per job and the memory growth over many removals.
+"""
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from app.db import asyncpg_dsn
+from bench.cost import measure_job_costs
+from bench.database import fresh_database, postgres_server
+from bench.fleet import agent_fleet
+from bench.load import LoadResult, client_session
+from bench.processes import ServerProcess, child_env, free_port, running_server
+from bench.scenarios import FanOutRun, baseline_run, fan_out_run, removal_run, two_host_layouts
+from bench.seed import FileSpec, Seeder
+
+# Hosts of the throughput scenario; each VM has files on two of them.
+THROUGHPUT_HOSTS = 10
+COST_SIZES = [1, 1000]
+# What the issue asks of each figure.
+GOAL_FAN_OUT_RATIO = 1.3
+GOAL_LIMIT_RATIO = 0.25
+GOAL_RSS_GROWTH_MB = 30.0
+# Lets the service's last allocations and freed connections settle before memory is read.
+_SETTLE_SECONDS = 2.0
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--removals", type=int, default=2000, help="VMs removed in the throughput run (default 2000)")
+    parser.add_argument("--warmup", type=int, default=300, help="requests sent before each measured run")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
+    parser.add_argument("--fanout-hosts", type=int, default=200, help="hosts of the fan-out VM (default 200)")
+    parser.add_argument("--fanout-delay", type=float, default=0.1, help="answer delay of those agents, seconds")
+    parser.add_argument("--fanout-runs", type=int, default=3, help="fan-out removals, one after another")
+    parser.add_argument(
+        "--memory-removals",
+        type=int,
+        default=5000,
+        help="removals between the two memory readings (default 5000; the documented figure uses 50000)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="`serve --workers` of the service (default 1)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="record the service with py-spy during the throughput run into this file "
+        "(.svg flame graph, .json speedscope, anything else collapsed stacks)",
+    )
+    return parser.parse_args()
+
+
+def report(line: str = "") -> None:
+    """Print one line of the report at once."""
+    print(line, flush=True)
+
+
+def machine() -> list[str]:
+    """The lines that say what the figures were measured on."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), platform.processor())
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"machine: {os.cpu_count()} CPUs ({model}), {mem_kb / 1024 / 1024:.1f} GiB RAM, load average {load}",
+        f"python: {platform.python_version()}",
+    ]
+
+
+@asynccontextmanager
+async def profiling(pid: int, output: Path | None) -> AsyncIterator[None]:
+    """Record the process tree of `pid` with py-spy for the duration of the block, when `output` is given."""
+    if output is None:
+        yield
+        return
+    formats = {".svg": "flamegraph", ".json": "speedscope"}
+    spy = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "py-spy"),
+        "record",
+        "--pid",
+        str(pid),
+        "--subprocesses",
+        "--nonblocking",
+        "--rate",
+        "200",
+        "--format",
+        formats.get(output.suffix, "raw"),
+        "--output",
+        str(output),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
+        await spy.wait()
+
+
+def describe_load(name: str, result: LoadResult) -> str:
+    """One line about a batch of requests."""
+    return (
+        f"{name}: {result.count} in {result.ended - result.started:.2f} s = {result.per_second:.0f}/s "
+        f"(latency p50 {result.latency_ms(0.5):.1f} ms, p99 {result.latency_ms(0.99):.1f} ms)"
+    )
+
+
+async def run(args: argparse.Namespace) -> None:
+    """Set everything up, measure each figure, print the report."""
+    for line in machine():
+        report(line)
+    report(f"command: {' '.join(['python -m bench', *sys.argv[1:]])}")
+    async with AsyncExitStack() as stack:
+        server_url, where = await stack.enter_async_context(postgres_server())
+        database_url = await stack.enter_async_context(fresh_database(server_url))
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vtpm-bench-agents-")))
+        fast_urls = await stack.enter_async_context(agent_fleet(root, hosts=THROUGHPUT_HOSTS, delay_seconds=0))
+        slow_urls = await stack.enter_async_context(
+            agent_fleet(root, hosts=args.fanout_hosts, delay_seconds=args.fanout_delay)
+        )
+        database = await asyncpg.connect(asyncpg_dsn(database_url))
+        stack.push_async_callback(database.close)
+        seeder = await Seeder.connect(database_url, root)
+        stack.push_async_callback(seeder.close)
+        report(f"database: a fresh database on {where} ({await database.fetchval('SHOW server_version')})")
+        report(
+            "inventory: written with bulk SQL straight into the database; only the DELETEs go through HTTP. "
+            "The agents find the files already gone (they answer `missing`), after the same path checks."
+        )
+        fast_hosts = await seeder.hosts(fast_urls)
+        slow_hosts = await seeder.hosts(slow_urls)
+
+        report()
+        report("== 3. cost per job (Removal run in-process, statements counted by before_cursor_execute)")
+        for cost in await measure_job_costs(database_url, seeder, fast_hosts, COST_SIZES):
+            report(
+                f"VM with {cost.files} file(s) on {cost.hosts} host(s): cleanup transaction {cost.cleanup} statements "
+                f"(DELETE request {cost.request}, plan {cost.plan}, recording host outcomes {cost.host_calls})"
+            )
+
+        fan_out_vms = await seeder.vms([[FileSpec(host, "TpmState") for host in slow_hosts]] * args.fanout_runs)
+        warmup_vms = await seeder.vms(two_host_layouts(fast_hosts, args.warmup))
+        removal_vms = await seeder.vms(two_host_layouts(fast_hosts, args.removals))
+        http = await stack.enter_async_context(client_session(args.concurrency))
+
+        report()
+        report("== 2a. baseline: bare FastAPI + SQLAlchemy/asyncpg endpoint, one INSERT and commit per request")
+        port = free_port()
+        async with running_server(
+            ["-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+            env=child_env(DATABASE_URL=database_url),
+            port=port,
+            ready_path="/openapi.json",
+            log_path=Path(tempfile.gettempdir()) / f"vtpm-bench-baseline-{os.getpid()}.log",
+        ) as baseline:
+            await baseline_run(http, baseline.base_url, args.warmup, concurrency=args.concurrency)
+            limit = await baseline_run(http, baseline.base_url, args.removals, concurrency=args.concurrency)
+        report(describe_load(f"baseline INSERTs, {args.concurrency} in flight", limit))
+
+        port = free_port()
+        serve_args = ["-m", "app", "serve", "--port", str(port)]
+        if args.workers > 1:
+            serve_args += ["--workers", str(args.workers)]
+        # The default AGENT_CONCURRENCY (64) would send a 200-host fan-out in waves of 64.
+        settings = {"AGENT_CONCURRENCY": str(max(256, args.fanout_hosts))}
+        log_path = Path(tempfile.gettempdir()) / f"vtpm-bench-service-{os.getpid()}.log"
+        service = await stack.enter_async_context(
+            running_server(
+                serve_args,
+                env=child_env(DATABASE_URL=database_url, **settings),
+                port=port,
+                ready_path="/readyz",
+                log_path=log_path,
+            )
+        )
+        report()
+        report(
+            f"service: python {' '.join(serve_args)} with "
+            + " ".join(f"{k}={v}" for k, v in settings.items())
+            + f" (log: {log_path})"
+        )
+
+        report()
+        report(
+            f"== 1. fan-out: one VM, one file on each of {args.fanout_hosts} hosts answering after "
+            f"{args.fanout_delay * 1000:.0f} ms"
+        )
+        runs: list[FanOutRun] = [await fan_out_run(http, service.base_url, vm) for vm in fan_out_vms]
+        for number, fan_out in enumerate(runs, 1):
+            report(
+                f"run {number}: job ran {fan_out.run_seconds * 1000:.0f} ms (finished_at - started_at) on "
+                f"{fan_out.hosts} hosts, caller waited {fan_out.caller_seconds * 1000:.0f} ms from DELETE"
+            )
+        ratio = statistics.median(r.run_seconds for r in runs) / args.fanout_delay
+        report(f"fan-out ratio (median run / one host's delay): {ratio:.2f} (goal <= {GOAL_FAN_OUT_RATIO})")
+        report(f"a serial per-host loop would take at least {args.fanout_hosts * args.fanout_delay:.1f} s")
+
+        report()
+        report(
+            f"== 2b. removals end to end: {args.removals} VMs, 3 files on 2 of {THROUGHPUT_HOSTS} hosts, agents "
+            f"answering at once, {args.concurrency} DELETEs in flight (after {args.warmup} warm-up removals)"
+        )
+        await removal_run(http, database, service.base_url, warmup_vms, concurrency=args.concurrency)
+        async with profiling(service.pid, args.profile):
+            removals = await removal_run(http, database, service.base_url, removal_vms, concurrency=args.concurrency)
+        report(describe_load("accepted DELETEs (202) alone", removals.accepted))
+        report(
+            f"removals end to end: {removals.succeeded} jobs succeeded {removals.end_to_end_seconds:.2f} s after the "
+            f"first DELETE = {removals.removals_per_second:.0f}/s"
+        )
+        limit_ratio = removals.removals_per_second / limit.per_second
+        report(
+            f"physical-limit ratio (removals/s / baseline INSERTs/s): {limit_ratio:.2f} (goal >= {GOAL_LIMIT_RATIO})"
+        )
+        if args.profile:
+            report(f"profile of the service during this run: {args.profile}")
+
+        report()
+        report(f"== 4. memory: service RSS before and after {args.memory_removals} more removals")
+        memory_vms = await seeder.vms(two_host_layouts(fast_hosts, args.memory_removals))
+        await measure_memory(http, database, service, memory_vms, args.concurrency)
+
+
+async def measure_memory(
+    http: aiohttp.ClientSession,
+    database: asyncpg.Connection,
+    service: ServerProcess,
+    vm_uuids: list[uuid.UUID],
+    concurrency: int,
+) -> None:
+    """Read the service's RSS, remove every VM, read it again; report the growth."""
+    await asyncio.sleep(_SETTLE_SECONDS)
+    before = service.rss_bytes()
+    started = time.monotonic()
+    removals = await removal_run(http, database, service.base_url, vm_uuids, concurrency=concurrency)
+    took = time.monotonic() - started
+    await asyncio.sleep(_SETTLE_SECONDS)
+    after = service.rss_bytes()
+    growth_mb = (after - before) / 1024 / 1024
+    report(
+        f"{removals.succeeded} removals took {took:.0f} s ({removals.removals_per_second:.0f}/s end to end, "
+        f"{removals.accepted.per_second:.0f} DELETEs/s accepted)"
+    )
+    report(
+        f"RSS {before / 1024 / 1024:.1f} MB -> {after / 1024 / 1024:.1f} MB: growth {growth_mb:+.1f} MB "
+        f"(goal < {GOAL_RSS_GROWTH_MB:g} MB)"
+    )
+
+
+def main() -> None:
+    """Run the benchmark, on uvloop when it is installed (as the service is)."""
+    args = parse_args()
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run(args))
+    else:
+        uvloop.run(run(args))
+
+
+main()

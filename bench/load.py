@@ -1,0 +1,59 @@
+"""The load generator: sends a list of requests with a fixed number in flight and times them."""
+
+import asyncio
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+
+@dataclass
+class LoadResult:
+    """What a batch of requests came to: wall-clock start and end, answers by status, per-request latencies."""
+
+    started: float
+    ended: float
+    statuses: Counter[int] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """How many requests were answered."""
+        return sum(self.statuses.values())
+
+    @property
+    def per_second(self) -> float:
+        """Answers per second over the whole batch."""
+        return self.count / (self.ended - self.started)
+
+    def latency_ms(self, quantile: float) -> float:
+        """A latency quantile (0 < quantile < 1) in milliseconds."""
+        cuts = statistics.quantiles(self.latencies, n=100)
+        return cuts[round(quantile * 100) - 1] * 1000
+
+
+def client_session(concurrency: int) -> aiohttp.ClientSession:
+    """An HTTP client that keeps one connection per request in flight."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0))
+
+
+async def send_all(session: aiohttp.ClientSession, method: str, urls: Sequence[str], *, concurrency: int) -> LoadResult:
+    """Send `method` to every URL, `concurrency` at a time; `started` is when the first request went out
+    (wall clock, comparable with the database's timestamps), `ended` when the last answer came in."""
+    pending = iter(urls)
+    result = LoadResult(started=time.time(), ended=0.0)
+
+    async def sender() -> None:
+        for url in pending:
+            sent = time.perf_counter()
+            async with session.request(method, url) as answer:
+                await answer.read()
+            result.latencies.append(time.perf_counter() - sent)
+            result.statuses[answer.status] += 1
+
+    await asyncio.gather(*(sender() for _ in range(concurrency)))
+    result.ended = time.time()
+    return result
