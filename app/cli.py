@@ -4,6 +4,7 @@ import asyncio
 import logging
 from pathlib import Path
 from typing import Annotated
+from uuid import UUID
 
 import typer
 import uvicorn
@@ -11,9 +12,11 @@ import uvicorn
 from app.db import resolve_database_url
 from app.logs import configure_logging
 from app.migrate import upgrade
+from app.operator_cli import register as register_operator_commands
 from app.settings import get_settings
 
 cli = typer.Typer(help="vTPM cleanup service", no_args_is_help=True, add_completion=False)
+register_operator_commands(cli)
 log = logging.getLogger("app")
 
 
@@ -40,6 +43,29 @@ def migrate() -> None:
     configure_logging(settings.log_level)
     upgrade(resolve_database_url(settings))
     log.info("database schema is up to date")
+
+
+@cli.command()
+def audit(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    vm: Annotated[
+        list[UUID] | None, typer.Option(help="Audit only this VM's files and jobs (repeatable)", show_default=False)
+    ] = None,
+    stale_lease_seconds: Annotated[
+        float, typer.Option(help="Warn about running jobs whose lease ran out longer ago than this")
+    ] = 60.0,
+) -> None:
+    """Check that every host file ever recorded is still recorded, confirmed deleted, or an orphan; exit 1 if not."""
+    from app.audit import audit_database
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    report = asyncio.run(
+        audit_database(resolve_database_url(settings), vm_uuids=vm, stale_lease_seconds=stale_lease_seconds)
+    )
+    typer.echo(report.to_json() if json_output else report.render())
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @cli.command()

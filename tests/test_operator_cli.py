@@ -1,0 +1,176 @@
+"""The operator commands (`remove`, `jobs`, `orphans`) against a real `python -m app serve` process."""
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from agent_helpers import running_agent
+from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
+from typer.testing import CliRunner, Result
+
+from app.cli import cli
+from app.local_stack import LocalProcess, free_port, service_process
+from app.operator_cli import EXIT_FAILED, EXIT_ORPHANS, EXIT_SUCCEEDED, fetch_all
+
+API_TOKEN = f"cli-api-token-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+def service(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalProcess]:
+    """The service as a separate process on a free port, with short retry intervals."""
+    process = service_process(
+        database_url,
+        tmp_path_factory.mktemp("cli-service"),
+        API_TOKEN=API_TOKEN,
+        AGENT_TIMEOUT_SECONDS="2",
+        ORPHAN_RETRY_SECONDS="0.5",
+        ORPHAN_RETRY_MAX_SECONDS="1",
+        WORKER_POLL_SECONDS="0.2",
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+async def api(service: LocalProcess) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the service process, with the token."""
+    async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": f"Bearer {API_TOKEN}"}) as client:
+        yield client
+
+
+async def run_cli(*args: str, url: str, token: str | None = API_TOKEN) -> Result:
+    """Run a command of `python -m app` in a thread, so that agents on this test's loop keep answering."""
+    env = {"VTPM_URL": url, "API_TOKEN": token or ""}
+    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=env)
+
+
+async def seed_vm(api: httpx.AsyncClient, roots: dict[str, Path]) -> tuple[str, dict[str, str], list[Path]]:
+    """A VM with a state file, a backup and an NVRAM file on each host (agent URL -> root); its hosts and files."""
+    vm = await put_vm(api)
+    hosts: dict[str, str] = {}
+    files: list[Path] = []
+    for agent_url, root in roots.items():
+        host = hosts[agent_url] = await put_host(api, agent_url)
+        state, backup, nvram = make_files(root, vm, "tpm2-00.permall", "tpm2-00.permall.bak", "nvram.fd")
+        await add_file(api, vm, host, state)
+        await add_file(api, vm, host, backup, backup=True)
+        await add_file(api, vm, host, nvram, type="NvRam")
+        files += [state, backup, nvram]
+    return vm, hosts, files
+
+
+def closed_port_url() -> str:
+    """The URL of an agent that is not running: its calls fail as unreachable."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def test_remove_wait_json_follows_the_job_to_success(
+    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    async with running_agent(tmp_path / "a") as a, running_agent(tmp_path / "b") as b:
+        vm, hosts, files = await seed_vm(api, {a: tmp_path / "a", b: tmp_path / "b"})
+        result = await run_cli("remove", vm, "--wait", "--json", url=service.url)
+
+    assert result.exit_code == EXIT_SUCCEEDED, result.output
+    job = json.loads(result.stdout)
+    assert job["state"] == "succeeded" and job["vm_uuid"] == vm and job["orphan_files"] == 0
+    assert sorted((h["host_uuid"], h["state"], h["files"]) for h in job["hosts"]) == sorted(
+        (host, "deleted", 3) for host in hosts.values()
+    )
+    assert not [f for f in files if f.exists()]
+    assert (await api.get(f"/vms/{vm}/tpm")).status_code == 404
+
+
+async def test_remove_wait_shows_each_host_outcome_as_it_lands(
+    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    async with running_agent(tmp_path, delay_seconds=1.0) as slow:
+        vm, hosts, _ = await seed_vm(api, {slow: tmp_path, closed_port_url(): tmp_path / "gone"})
+        result = await run_cli("remove", vm, "--wait", url=service.url)
+
+    assert result.exit_code == EXIT_ORPHANS, result.output
+    slow_host, dead_host = hosts.values()
+    assert f"✓ host {slow_host}: 3 files deleted" in result.stdout
+    assert f"✗ host {dead_host}: connection refused (3 files kept as orphans, retried)" in result.stdout
+    assert "succeeded" in result.stdout and "3 orphan files left for the service to retry" in result.stdout
+
+
+async def test_orphans_lists_the_files_of_a_failed_host(
+    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    vm, hosts, files = await seed_vm(api, {closed_port_url(): tmp_path})
+    (host,) = hosts.values()
+    result = await run_cli("remove", vm, "--wait", "--json", url=service.url)
+    assert result.exit_code == EXIT_ORPHANS, result.output
+    assert json.loads(result.stdout)["orphan_files"] == 3
+
+    listed = await run_cli("orphans", "--host", host, "--json", url=service.url)
+    assert listed.exit_code == 0, listed.output
+    orphans = json.loads(listed.stdout)
+    assert sorted(o["path"] for o in orphans) == sorted(str(f) for f in files)
+    assert {(o["vm_uuid"], o["host_uuid"]) for o in orphans} == {(vm, host)}
+    assert all(o["attempts"] >= 1 and "connection refused" in o["last_error"] for o in orphans)
+
+    table = await run_cli("orphans", "--host", host, url=service.url)
+    assert table.exit_code == 0, table.output
+    assert "Orphan files" in table.stdout and "NvRam" in table.stdout
+
+
+async def test_jobs_lists_a_vms_jobs_newest_first(service: LocalProcess, api: httpx.AsyncClient) -> None:
+    vm = await put_vm(api)
+    first = await remove_tpm(api, vm)
+    assert (await api.post(f"/vms/{vm}/tpm", json={"key_provider_uuid": None})).status_code == 201
+    second = await remove_tpm(api, vm)
+
+    listed = await run_cli("jobs", "--vm", vm, "--json", url=service.url)
+    assert listed.exit_code == 0, listed.output
+    assert [job["id"] for job in json.loads(listed.stdout)] == [second["id"], first["id"]]
+
+    table = await run_cli("jobs", "--vm", vm, url=service.url)
+    assert table.exit_code == 0, table.output
+    assert "Removal jobs" in table.stdout and "succeeded" in table.stdout
+
+
+async def test_list_commands_follow_the_link_header_across_pages(service: LocalProcess, api: httpx.AsyncClient) -> None:
+    vm = await put_vm(api)
+    ids = []
+    for _ in range(3):
+        ids.append((await remove_tpm(api, vm))["id"])
+        assert (await api.post(f"/vms/{vm}/tpm", json={"key_provider_uuid": None})).status_code == 201
+
+    def fetch(limit: int) -> list[dict[str, Any]]:
+        with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {API_TOKEN}"}) as client:
+            return fetch_all(client, "/jobs", {"vm_uuid": vm}, limit, page_size=1)
+
+    assert [job["id"] for job in await asyncio.to_thread(fetch, 10)] == ids[::-1]
+    assert [job["id"] for job in await asyncio.to_thread(fetch, 2)] == ids[::-1][:2]
+
+
+async def test_remove_without_wait_answers_once_the_job_is_accepted(
+    service: LocalProcess, api: httpx.AsyncClient
+) -> None:
+    vm = await put_vm(api)
+    result = await run_cli("remove", vm, "--json", url=service.url)
+    assert result.exit_code == EXIT_SUCCEEDED, result.output
+    job = json.loads(result.stdout)
+    assert job["vm_uuid"] == vm and job["type"] == "remove-tpm"
+
+
+async def test_refused_calls_exit_1_with_the_services_reason(service: LocalProcess) -> None:
+    unknown = await run_cli("remove", str(uuid.uuid4()), "--wait", url=service.url)
+    assert unknown.exit_code == EXIT_FAILED
+    assert "404" in unknown.stderr and "does not exist" in unknown.stderr
+
+    unauthorized = await run_cli("jobs", url=service.url, token="wrong-token")
+    assert unauthorized.exit_code == EXIT_FAILED
+    assert "401" in unauthorized.stderr and "wrong-token" not in unauthorized.output
+
+    unreachable = await run_cli("orphans", url=closed_port_url())
+    assert unreachable.exit_code == EXIT_FAILED
+    assert "cannot reach the service" in unreachable.stderr
