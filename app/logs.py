@@ -4,7 +4,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from app.request_id import RequestIdFilter
 
@@ -47,13 +47,18 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
+def log_handler(stream: TextIO) -> logging.Handler:
+    """A handler writing to `stream`: key=value on a terminal, JSON lines elsewhere, request ids added."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(KeyValueFormatter() if stream.isatty() else JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    return handler
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send the root logger to stderr in the format that suits where stderr goes."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter() if sys.stderr.isatty() else JsonFormatter())
-    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [log_handler(sys.stderr)]
     root.setLevel(level.upper())
     # uvicorn's own handlers would print its lines a second time, unstructured.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
