@@ -14,6 +14,9 @@ from app.settings import Settings
 
 # How long a connection attempt may take before the database counts as unreachable (answers 503).
 CONNECT_TIMEOUT_SECONDS = 3.0
+# How long one statement of the service may wait for the database's answer: a database that accepts
+# connections but does not answer (frozen, cut off by the network) makes calls fail (503) instead of hang.
+COMMAND_TIMEOUT_SECONDS = 5.0
 
 
 def resolve_database_url(settings: Settings) -> str:
@@ -28,8 +31,11 @@ def asyncpg_dsn(database_url: str) -> str:
     return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def create_engine(database_url: str, *, pool_size: int = 20) -> AsyncEngine:
-    """An engine whose pool survives database restarts (pre-ping) and fails fast while the database is down."""
+def create_engine(database_url: str, *, pool_size: int = 20, command_timeout: float | None = None) -> AsyncEngine:
+    """An engine whose pool survives database restarts (pre-ping) and fails fast while the database is down.
+
+    `command_timeout` bounds every statement (and pre-ping) in seconds; None leaves long statements alone.
+    """
     return create_async_engine(
         database_url,
         pool_size=pool_size,
@@ -37,7 +43,11 @@ def create_engine(database_url: str, *, pool_size: int = 20) -> AsyncEngine:
         pool_pre_ping=True,
         pool_timeout=CONNECT_TIMEOUT_SECONDS,
         pool_recycle=1800,
-        connect_args={"timeout": CONNECT_TIMEOUT_SECONDS, "server_settings": {"application_name": "vtpm"}},
+        connect_args={
+            "timeout": CONNECT_TIMEOUT_SECONDS,
+            "command_timeout": command_timeout,
+            "server_settings": {"application_name": "vtpm"},
+        },
     )
 
 

@@ -14,7 +14,7 @@ from app.api.deps import require_token
 from app.api.docs import add_offline_docs
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
-from app.db import asyncpg_dsn, create_engine, create_session_factory, resolve_database_url
+from app.db import COMMAND_TIMEOUT_SECONDS, asyncpg_dsn, create_engine, create_session_factory, resolve_database_url
 from app.metrics import HttpMetrics
 from app.notify import Notifications
 from app.orphans import OrphanReaper
@@ -36,7 +36,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     database_url = app.state.database_url or resolve_database_url(settings)
     if settings.api_token is None:
         log.warning("API_TOKEN is not set: the API accepts every caller")
-    engine = create_engine(database_url, pool_size=settings.db_pool_size)
+    engine = create_engine(database_url, pool_size=settings.db_pool_size, command_timeout=COMMAND_TIMEOUT_SECONDS)
     sessions = create_session_factory(engine)
     http = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=settings.agent_concurrency, limit_per_host=0),

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db import is_database_unavailable
@@ -72,6 +73,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    # The errors of an unreachable database are also registered by class, so that Starlette's
+    # ExceptionMiddleware answers them; the catch-all `Exception` handler runs in ServerErrorMiddleware,
+    # which re-raises after answering: a traceback per call during an outage, and an error in ASGI clients.
+    for error_class in (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError):
+        app.add_exception_handler(error_class, _on_unexpected_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
 
 

@@ -1,0 +1,153 @@
+"""Tests of /healthz, /readyz and /metrics, and of how the service answers while its database is down."""
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import AppFactory
+from inventory_helpers import put_host, put_vm
+from pg_helpers import (
+    create_migrated_database,
+    pause_postgres,
+    resume_postgres,
+    separate_postgres,
+    start_postgres,
+    stop_postgres,
+)
+from problem_helpers import assert_problem
+
+# Generous bounds for a shared, busy machine: what matters is "answers", not "answers fast".
+OUTAGE_ANSWER_SECONDS = 8.0
+# A frozen server is only noticed when a statement times out (app.db.COMMAND_TIMEOUT_SECONDS).
+FROZEN_ANSWER_SECONDS = 15.0
+RECOVERY_SECONDS = 30.0
+
+
+async def test_healthz_is_200(client: httpx.AsyncClient) -> None:
+    answer = await client.get("/healthz")
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ok"}
+
+
+async def test_readyz_is_200_while_the_database_answers(client: httpx.AsyncClient) -> None:
+    answer = await client.get("/readyz")
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ready"}
+
+
+async def test_metrics_is_prometheus_text_with_the_service_metrics(client: httpx.AsyncClient) -> None:
+    answer = await client.get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    names = {line.split()[2] for line in answer.text.splitlines() if line.startswith("# TYPE ")}
+    assert {
+        "tpm_removal_jobs_total",
+        "tpm_agent_calls_total",
+        "tpm_agent_call_duration_seconds",
+        "tpm_orphan_files",
+    } <= names
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[tuple[str, Path]]:
+    """A PostgreSQL server that only this module's outage tests use, and stop."""
+    with separate_postgres() as server:
+        yield server
+
+
+async def timed_get(client: httpx.AsyncClient, url: str) -> httpx.Response:
+    """GET `url`, checking that the answer came within the outage bound rather than hanging."""
+    started = time.monotonic()
+    answer = await client.get(url)
+    assert time.monotonic() - started < OUTAGE_ANSWER_SECONDS, f"{url} took too long"
+    return answer
+
+
+async def wait_until_ready(client: httpx.AsyncClient) -> None:
+    """Poll /readyz until it is 200; fail after RECOVERY_SECONDS."""
+    deadline = time.monotonic() + RECOVERY_SECONDS
+    while (await client.get("/readyz")).status_code != 200:
+        assert time.monotonic() < deadline, "the service did not become ready again"
+        await asyncio.sleep(0.2)
+
+
+class TestDatabaseOutage:
+    """The app keeps running while its database is stopped, answers 503, and recovers by itself."""
+
+    @pytest.fixture
+    async def database_url(self, own_server: tuple[str, Path]) -> str:
+        """A migrated database on the server these tests stop (overrides conftest's for `make_client`)."""
+        return await create_migrated_database(own_server[0])
+
+    async def test_readyz_is_503_while_the_database_is_stopped_and_200_after(
+        self, make_client: AppFactory, own_server: tuple[str, Path]
+    ) -> None:
+        client = await make_client()
+        _, pgdata = own_server
+        assert (await client.get("/readyz")).status_code == 200
+        await asyncio.to_thread(stop_postgres, pgdata)
+        try:
+            for _ in range(3):
+                answer = await timed_get(client, "/readyz")
+                assert_problem(answer, 503)
+                assert answer.headers["retry-after"].isdigit()
+                assert (await timed_get(client, "/healthz")).status_code == 200
+        finally:
+            await asyncio.to_thread(start_postgres, pgdata)
+        await wait_until_ready(client)
+
+    async def test_calls_that_need_the_database_are_503_with_retry_after_then_work_again(
+        self, make_client: AppFactory, own_server: tuple[str, Path]
+    ) -> None:
+        client = await make_client()
+        _, pgdata = own_server
+        host_uuid = await put_host(client, "http://127.0.0.1:8100")
+        vm_uuid = await put_vm(client)
+        await asyncio.to_thread(stop_postgres, pgdata)
+        try:
+            calls = [
+                ("GET", f"/vms/{vm_uuid}", None),
+                ("GET", f"/vms/{vm_uuid}/tpm", None),
+                ("GET", f"/vms/{vm_uuid}/host-files", None),
+                ("GET", f"/hosts/{host_uuid}", None),
+                ("PUT", f"/vms/{uuid.uuid4()}", {"name": "vm", "secure_boot": False}),
+                ("PUT", f"/hosts/{uuid.uuid4()}", {"name": "kvm", "agent_url": "http://kvm:8100"}),
+                ("POST", f"/vms/{vm_uuid}/host-files", {"host_uuid": host_uuid, "path": "/s", "type": "TpmState"}),
+            ]
+            for method, url, body in calls:
+                started = time.monotonic()
+                answer = await client.request(method, url, json=body)
+                assert time.monotonic() - started < OUTAGE_ANSWER_SECONDS, f"{method} {url} took too long"
+                assert_problem(answer, 503)
+                assert int(answer.headers["retry-after"]) > 0
+        finally:
+            await asyncio.to_thread(start_postgres, pgdata)
+        await wait_until_ready(client)
+
+        assert (await client.get(f"/vms/{vm_uuid}")).status_code == 200
+        assert (await client.get(f"/hosts/{host_uuid}")).status_code == 200
+        assert (await client.get(f"/vms/{vm_uuid}/tpm")).status_code == 200
+        await put_vm(client)
+
+    async def test_a_frozen_database_gives_503_not_a_hang(
+        self, make_client: AppFactory, own_server: tuple[str, Path]
+    ) -> None:
+        """A server that accepts connections but never answers (paused, cut off) is an outage too."""
+        client = await make_client()
+        _, pgdata = own_server
+        vm_uuid = await put_vm(client)
+        pause_postgres(pgdata)
+        try:
+            for url in ("/readyz", f"/vms/{vm_uuid}", f"/vms/{vm_uuid}/host-files", "/readyz"):
+                started = time.monotonic()
+                answer = await client.get(url)
+                assert time.monotonic() - started < FROZEN_ANSWER_SECONDS, f"{url} took too long"
+                assert_problem(answer, 503)
+        finally:
+            resume_postgres(pgdata)
+        await wait_until_ready(client)
+        assert (await client.get(f"/vms/{vm_uuid}")).status_code == 200
