@@ -1,0 +1,103 @@
+"""Tests of the Alembic migrations: up from an empty database, down to base, up again, and equal to the models."""
+
+import asyncio
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from conftest import create_database
+from sqlalchemy import Connection, inspect, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from app.migrate import downgrade, upgrade
+from app.models import Base
+
+OUR_TABLES = set(Base.metadata.tables)
+TRIGGER_FUNCTIONS = {"notify_job_changed", "notify_job_host_changed"}
+
+
+@pytest.fixture
+async def empty_database_url(server_url: str) -> str:
+    """A new database with nothing in it."""
+    return await create_database(server_url)
+
+
+async def run_sync(database_url: str, check: Any) -> Any:
+    """Run `check(connection)` on a synchronous view of a connection to the database; its result."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(check)
+    finally:
+        await engine.dispose()
+
+
+def tables(connection: Connection) -> set[str]:
+    """The tables of the public schema."""
+    return set(inspect(connection).get_table_names())
+
+
+def our_functions(connection: Connection) -> set[str]:
+    """The trigger functions of ours that exist in the database."""
+    rows = connection.execute(
+        text("SELECT proname FROM pg_proc WHERE proname = ANY(:names)"), {"names": list(TRIGGER_FUNCTIONS)}
+    )
+    return {row[0] for row in rows}
+
+
+def triggers(connection: Connection) -> set[str]:
+    """The names of the user-defined triggers in the database."""
+    return {row[0] for row in connection.execute(text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"))}
+
+
+def schema_differences(connection: Connection) -> list[Any]:
+    """What autogenerate would change to make the database match app/models.py (nothing, when they agree)."""
+    context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
+    return list(compare_metadata(context, Base.metadata))
+
+
+async def test_upgrade_from_empty_creates_every_table_and_trigger(empty_database_url: str) -> None:
+    assert await run_sync(empty_database_url, tables) == set()
+    await asyncio.to_thread(upgrade, empty_database_url)
+    assert await run_sync(empty_database_url, tables) == OUR_TABLES | {"alembic_version"}
+    assert await run_sync(empty_database_url, our_functions) == TRIGGER_FUNCTIONS
+    assert await run_sync(empty_database_url, triggers) == {
+        "jobs_notify_insert",
+        "jobs_notify_update",
+        "job_hosts_notify",
+    }
+
+
+async def test_downgrade_to_base_leaves_nothing_of_ours_and_upgrade_works_again(empty_database_url: str) -> None:
+    await asyncio.to_thread(upgrade, empty_database_url)
+    await asyncio.to_thread(downgrade, empty_database_url, "base")
+    assert await run_sync(empty_database_url, tables) <= {"alembic_version"}
+    assert await run_sync(empty_database_url, our_functions) == set()
+    assert await run_sync(empty_database_url, triggers) == set()
+
+    await asyncio.to_thread(upgrade, empty_database_url)
+    assert await run_sync(empty_database_url, tables) == OUR_TABLES | {"alembic_version"}
+    assert await run_sync(empty_database_url, schema_differences) == []
+
+
+async def test_upgrade_twice_changes_nothing(empty_database_url: str) -> None:
+    await asyncio.to_thread(upgrade, empty_database_url)
+    await asyncio.to_thread(upgrade, empty_database_url)
+    assert await run_sync(empty_database_url, schema_differences) == []
+
+
+async def test_migrated_schema_matches_the_models(database_url: str) -> None:
+    assert await run_sync(database_url, schema_differences) == []
+
+
+async def test_schema_comparison_notices_a_missing_index(empty_database_url: str) -> None:
+    """The comparison above is not vacuous: a schema that lost an index differs from the models."""
+    await asyncio.to_thread(upgrade, empty_database_url)
+
+    def drop_index_and_compare(connection: Connection) -> list[Any]:
+        connection.execute(text("DROP INDEX ix_host_files_vm_uuid"))
+        return schema_differences(connection)
+
+    differences = await run_sync(empty_database_url, drop_index_and_compare)
+    assert [(d[0], d[1].name) for d in differences] == [("add_index", "ix_host_files_vm_uuid")]
