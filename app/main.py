@@ -25,7 +25,8 @@ from app.worker import Worker
 
 log = logging.getLogger(__name__)
 
-# How long a stopping process lets its running jobs go on before it hands them back.
+# Unless SHUTDOWN_GRACE_SECONDS says otherwise, a stopping process lets its running jobs go on this much
+# longer than an agent call may take before it hands them back.
 SHUTDOWN_GRACE_MARGIN_SECONDS = 2.0
 
 
@@ -78,7 +79,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         if app.state.run_worker:
-            await worker.stop(grace_seconds=settings.agent_timeout_seconds + SHUTDOWN_GRACE_MARGIN_SECONDS)
+            grace = settings.shutdown_grace_seconds
+            if grace is None:
+                grace = settings.agent_timeout_seconds + SHUTDOWN_GRACE_MARGIN_SECONDS
+            await worker.stop(grace_seconds=grace)
         listener.cancel()
         with suppress(asyncio.CancelledError):
             await listener

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     # Backoff of orphan retries doubles from orphan_retry_seconds up to this cap.
     orphan_retry_max_seconds: float = Field(default=3600.0, gt=0)
     job_lease_seconds: float = Field(default=30.0, gt=0)
+    # How long a stopping process lets its running jobs go on before it hands them back to the queue;
+    # unset: AGENT_TIMEOUT_SECONDS + 2 s, so that agent calls in flight can end by themselves.
+    shutdown_grace_seconds: float | None = Field(default=None, ge=0)
     # A cleanup transaction that fails for a reason other than a database outage is retried this often
     # before the job is marked failed.
     job_max_failures: int = Field(default=5, ge=1)
