@@ -1,0 +1,387 @@
+"""Fault-test harness: `serve` as real processes on a database of the test's own, and agents that log every call.
+
+The service runs as `python -m app serve` subprocesses so that a test can SIGKILL, SIGSTOP, SIGCONT and
+SIGTERM it like an operator or a crash would. The agents run in the test's event loop: the shipped agent
+(deleting real files) behind a recorder that logs when each request came and went, whether it confirmed
+its paths, and that can hold the next requests open until the test releases them.
+"""
+
+import asyncio
+import inspect
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from agent_helpers import Handler, RecordingAgent, running_app
+from aiohttp import web
+from conftest import create_database
+from inventory_helpers import add_file, make_files, put_host, put_vm
+from sqlalchemy import Row, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.audit import AuditReport, audit
+from app.db import create_engine, create_session_factory
+from app.migrate import upgrade
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Short intervals, so that leases run out and orphans come due within a test.
+FAST_SETTINGS = {
+    "JOB_LEASE_SECONDS": "2",
+    "WORKER_POLL_SECONDS": "0.2",
+    "ORPHAN_RETRY_SECONDS": "0.5",
+    "ORPHAN_RETRY_MAX_SECONDS": "1",
+    "AGENT_TIMEOUT_SECONDS": "5",
+    "DB_POOL_SIZE": "5",
+    "LOG_LEVEL": "INFO",
+}
+# Settings of the developer's shell that would change what the test starts.
+_UNSET = ("API_TOKEN", "AGENT_TOKEN", "SHUTDOWN_GRACE_SECONDS", "WORKER_MAX_JOBS", "JOB_MAX_FAILURES")
+# Generous bounds: the machine is small and shared; a bound is there to end a broken test, not to time it.
+START_TIMEOUT = 90.0
+EXIT_TIMEOUT = 60.0
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool] | bool], *, timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll `condition` until it holds; fail the test with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class ServiceProcess:
+    """One `python -m app serve` subprocess, its URL and its log (JSON lines on stderr)."""
+
+    def __init__(self, name: str, database_url: str, log_path: Path, settings: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k not in _UNSET}
+        env.update(FAST_SETTINGS, DATABASE_URL=database_url, **settings)
+        with log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.process.pid
+
+    def log_text(self) -> str:
+        """Everything the process wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The structured log lines so far (anything that is not a JSON object is left out)."""
+        records = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut short by SIGKILL
+        return records
+
+    def logged(self, message: str, **fields: str) -> list[dict[str, Any]]:
+        """The log records with this message (and these field values)."""
+        return [
+            r
+            for r in self.log_records()
+            if r.get("message") == message and all(r.get(k) == v for k, v in fields.items())
+        ]
+
+    async def wait_ready(self) -> None:
+        """Wait until /readyz answers 200 (migrations applied, database reachable, worker started)."""
+
+        async def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                async with httpx.AsyncClient(timeout=2) as http:
+                    return (await http.get(f"{self.url}/readyz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_until(ready, timeout=START_TIMEOUT, what=f"{self.name} ready", interval=0.1)
+
+    def send(self, sig: signal.Signals) -> None:
+        """Send a signal to the process."""
+        self.process.send_signal(sig)
+
+    async def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
+        """Wait for the process to end; its return code (-N for death by signal N)."""
+        await wait_until(lambda: self.process.poll() is not None, timeout=timeout, what=f"{self.name} exits")
+        return self.process.returncode
+
+    async def kill(self) -> None:
+        """SIGKILL: the process dies at once, in the middle of whatever it was doing."""
+        self.send(signal.SIGKILL)
+        assert await self.wait_exit() == -signal.SIGKILL
+
+    async def shut_down(self) -> None:
+        """End the process however it is (stopped, busy): resume it, SIGTERM, and SIGKILL if that hangs."""
+        if self.process.poll() is not None:
+            return
+        self.send(signal.SIGCONT)
+        self.send(signal.SIGTERM)
+        try:
+            await self.wait_exit()
+        except AssertionError:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
+class AgentRequest:
+    """One delete request an agent received: the paths it named, when it came and went, what it answered."""
+
+    paths: list[str]
+    started: float
+    ended: float | None = None
+    confirmed: bool = False
+    """Answered 200 with success:true (the shipped agent confirms only when every path is gone)."""
+
+
+class LoggingAgent(RecordingAgent):
+    """The recording agent with a timed log of every request, and gates that hold the next requests open."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.requests: list[AgentRequest] = []
+        self._gates: list[asyncio.Event] = []
+
+    def hold_next(self, count: int = 1) -> asyncio.Event:
+        """Hold the next `count` requests open until the returned event is set."""
+        gate = asyncio.Event()
+        self._gates.extend([gate] * count)
+        return gate
+
+    def release_all(self) -> None:
+        """Let every held and every announced request go on."""
+        for gate in self._gates:
+            gate.set()
+        self._gates.clear()
+        self.hold.set()
+
+    def open_requests(self) -> list[AgentRequest]:
+        """The requests that have not been answered yet."""
+        return [r for r in self.requests if r.ended is None]
+
+    def times_sent(self) -> Counter[str]:
+        """How many requests named each path."""
+        return Counter(p for r in self.requests for p in r.paths)
+
+    def times_confirmed(self) -> Counter[str]:
+        """How many confirming answers named each path."""
+        return Counter(p for r in self.requests if r.confirmed for p in r.paths)
+
+    def sent_after_confirmation(self) -> list[str]:
+        """Paths named in a request that started after a confirming answer for them had been given."""
+        confirmed_at: dict[str, float] = {}
+        for r in self.requests:
+            if r.confirmed and r.ended is not None:
+                for p in r.paths:
+                    confirmed_at[p] = min(confirmed_at.get(p, r.ended), r.ended)
+        return [p for r in self.requests for p in r.paths if p in confirmed_at and r.started > confirmed_at[p]]
+
+    def overlapping_requests(self) -> list[str]:
+        """Paths named by two requests in flight at the same time."""
+        overlapping = []
+        by_path: dict[str, list[AgentRequest]] = {}
+        for r in self.requests:
+            for p in r.paths:
+                by_path.setdefault(p, []).append(r)
+        for p, requests in by_path.items():
+            ordered = sorted(requests, key=lambda r: r.started)
+            for before, after in itertools.pairwise(ordered):
+                if before.ended is None or after.started < before.ended:
+                    overlapping.append(p)
+        return overlapping
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        body = await request.json()  # aiohttp keeps the body, so the recorder and the agent both read it
+        entry = AgentRequest([f["path"] for f in body["files"]], time.monotonic())
+        self.requests.append(entry)
+        try:
+            if self._gates:
+                await self._gates.pop(0).wait()
+            response = await super()._record(request, handler)
+            if isinstance(response, web.Response) and response.status == 200 and isinstance(response.body, bytes):
+                entry.confirmed = json.loads(response.body).get("success") is True
+            return response
+        finally:
+            entry.ended = time.monotonic()
+
+
+@dataclass
+class Host:
+    """A host of the inventory: its UUID, its agent, and the folder the agent deletes under."""
+
+    uuid: str
+    agent: LoggingAgent
+    root: Path
+
+
+@dataclass
+class SeededVm:
+    """A VM with a TPM whose host files exist on disk, as the test created it."""
+
+    uuid: str
+    tpm_uuid: str
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    """Host UUID -> the files recorded on that host."""
+
+    def paths(self) -> list[Path]:
+        """Every file of the VM, on every host."""
+        return [p for paths in self.files.values() for p in paths]
+
+
+class FaultHarness:
+    """A fresh database, `serve` processes and logging agents for one fault test; everything ends with it."""
+
+    def __init__(self, database_url: str, engine: AsyncEngine, work_dir: Path, stack: AsyncExitStack) -> None:
+        self.database_url = database_url
+        self.engine = engine
+        self.sessions = create_session_factory(engine)
+        self._work_dir = work_dir
+        self._stack = stack
+        self.services: list[ServiceProcess] = []
+        self.agents: list[LoggingAgent] = []
+
+    async def start_service(self, **settings: str) -> ServiceProcess:
+        """Start a `serve` process with FAST_SETTINGS and `settings`; return once it is ready."""
+        name = f"serve-{len(self.services) + 1}"
+        service = ServiceProcess(name, self.database_url, self._work_dir / f"{name}.log", settings)
+        self.services.append(service)
+        await service.wait_ready()
+        return service
+
+    async def client(self, service: ServiceProcess) -> httpx.AsyncClient:
+        """An HTTP client of `service`, closed with the harness."""
+        return await self._stack.enter_async_context(httpx.AsyncClient(base_url=service.url, timeout=30))
+
+    async def add_host(self, http: httpx.AsyncClient) -> Host:
+        """A host whose logging agent runs in this loop, deleting under a folder of its own."""
+        root = self._work_dir / f"host-{len(self.agents) + 1}"
+        root.mkdir()
+        agent = LoggingAgent(root)
+        self.agents.append(agent)
+        url = await self._stack.enter_async_context(running_app(agent.app()))
+        return Host(await put_host(http, url), agent, root)
+
+    async def add_vm(self, http: httpx.AsyncClient, hosts: Sequence[Host], *, files_per_host: int = 2) -> SeededVm:
+        """A VM with a TPM and `files_per_host` real files on each host: a state file, then NVRAM files."""
+        vm_uuid = await put_vm(http)
+        tpm = (await http.get(f"/vms/{vm_uuid}/tpm")).json()
+        vm = SeededVm(vm_uuid, tpm["uuid"])
+        for host in hosts:
+            names = ["tpm2-00.permall"] + [f"nvram-{i}.fd" for i in range(1, files_per_host)]
+            paths = make_files(host.root, vm_uuid, *names)
+            for path in paths:
+                await add_file(
+                    http, vm_uuid, host.uuid, path, type="TpmState" if path.suffix == ".permall" else "NvRam"
+                )
+            vm.files[host.uuid] = paths
+        return vm
+
+    async def rows(self, sql: str, **params: Any) -> list[Row[Any]]:
+        """The rows of a query on the test's database."""
+        async with self.engine.connect() as conn:
+            return list(await conn.execute(text(sql), params))
+
+    async def job(self, job_id: str) -> Row[Any]:
+        """The job's row."""
+        (row,) = await self.rows("SELECT * FROM jobs WHERE id = :id", id=job_id)
+        return row
+
+    async def job_host_states(self, job_id: str) -> dict[str, str]:
+        """Host UUID -> the state of that host's delete call in the job."""
+        rows = await self.rows("SELECT host_uuid, state FROM job_hosts WHERE job_id = :id", id=job_id)
+        return {str(r.host_uuid): r.state for r in rows}
+
+    async def wait_for_job_state(self, job_id: str, state: str, *, timeout: float = 60.0) -> Row[Any]:
+        """Wait until the job is in `state`; its row."""
+
+        async def reached() -> bool:
+            return str((await self.job(job_id)).state) == state
+
+        await wait_until(reached, timeout=timeout, what=f"job {job_id} {state}")
+        return await self.job(job_id)
+
+    async def audit(self, vms: Sequence[SeededVm] | None = None) -> AuditReport:
+        """The audit of the whole test database (or of some VMs)."""
+        async with self.sessions() as session:
+            return await audit(session, vm_uuids=[uuid.UUID(vm.uuid) for vm in vms] if vms is not None else None)
+
+    async def assert_removed(self, vm: SeededVm, job_id: str) -> None:
+        """The job succeeded and left the database clean: no TPM, key binding, host-file record; audit clean."""
+        job = await self.job(job_id)
+        assert job.state == "succeeded", job
+        assert await self.rows("SELECT 1 FROM tpms WHERE uuid = :t", t=vm.tpm_uuid) == []
+        assert await self.rows("SELECT 1 FROM tpm_key_bindings WHERE tpm_uuid = :t", t=vm.tpm_uuid) == []
+        assert await self.rows("SELECT 1 FROM host_files WHERE vm_uuid = :v", v=vm.uuid) == []
+        report = await self.audit()
+        assert report.ok, report.render()
+        assert report.ledger_files >= len(vm.paths())
+
+
+@asynccontextmanager
+async def fault_harness(server_url: str, work_dir: Path) -> AsyncIterator[FaultHarness]:
+    """A harness on a new, migrated database of `server_url`'s server.
+
+    On the way out every held agent call is released, then every service is shut down (so that none
+    keeps calling agents that are gone), then the agents stop. The services' logs stay in `work_dir`
+    and are printed, so that a failing test shows what the processes did.
+    """
+    database_url = await create_database(server_url)
+    await asyncio.to_thread(upgrade, database_url)
+    engine = create_engine(database_url, pool_size=2)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(engine.dispose)
+        harness = FaultHarness(database_url, engine, work_dir, stack)
+        try:
+            yield harness
+        finally:
+            for agent in harness.agents:
+                agent.release_all()
+            await asyncio.gather(*(service.shut_down() for service in harness.services))
+            for service in harness.services:
+                print(f"----- {service.name} (pid {service.pid}, exit {service.process.returncode}) -----")
+                print(service.log_text()[-20000:])

@@ -1,0 +1,132 @@
+"""A `serve` process killed with SIGKILL mid-removal: the next process finishes the job as if nothing had died.
+
+Kills land at three places: while a host's delete call is in flight, inside the cleanup transaction, and
+while an orphan's retry is in flight. Each time the next process must end the work, every file must have
+been sent for deletion, none sent again after its host confirmed it, and the audit must be clean.
+"""
+
+from pathlib import Path
+
+import pytest
+from process_helpers import fault_harness, wait_until
+
+pytestmark = pytest.mark.reliability
+
+
+async def test_killed_while_a_host_call_is_held_the_next_process_finishes_the_job(
+    server_url: str, tmp_path: Path
+) -> None:
+    async with fault_harness(server_url, tmp_path) as harness:
+        first = await harness.start_service()
+        http = await harness.client(first)
+        quick, held = await harness.add_host(http), await harness.add_host(http)
+        vm = await harness.add_vm(http, [quick, held])
+        gate = held.agent.hold_next()
+
+        job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
+        await wait_until(lambda: held.agent.open_requests(), timeout=60, what="the held host is called")
+
+        async def quick_host_recorded() -> bool:
+            return (await harness.job_host_states(job_id)).get(quick.uuid) == "deleted"
+
+        await wait_until(quick_host_recorded, timeout=30, what="the quick host's outcome is recorded")
+        await first.kill()
+        gate.set()
+        second = await harness.start_service()
+
+        job = await harness.wait_for_job_state(job_id, "succeeded")
+        assert job.attempts == 2 and job.orphan_files == 0
+        assert await harness.job_host_states(job_id) == {quick.uuid: "deleted", held.uuid: "deleted"}
+        assert second.logged("job succeeded", job_id=job_id)
+        await harness.assert_removed(vm, job_id)
+        assert not [p for p in vm.paths() if p.exists()]
+        # The quick host confirmed before the kill and was not called again; the held one was called again.
+        assert quick.agent.times_sent() == {str(p): 1 for p in vm.files[quick.uuid]}
+        assert held.agent.times_sent() == {str(p): 2 for p in vm.files[held.uuid]}
+        for host in (quick, held):
+            assert host.agent.times_confirmed() == {str(p): 1 for p in vm.files[host.uuid]}
+            assert host.agent.sent_after_confirmation() == []
+
+
+async def test_killed_inside_the_cleanup_transaction_the_next_process_commits_it_once(
+    server_url: str, tmp_path: Path
+) -> None:
+    async with fault_harness(server_url, tmp_path) as harness:
+        first = await harness.start_service()
+        http = await harness.client(first)
+        hosts = [await harness.add_host(http), await harness.add_host(http)]
+        vm = await harness.add_vm(http, hosts)
+
+        # The test's own transaction locks the TPM row: the cleanup's DELETE FROM tpms waits for it,
+        # after the job row was fenced and the orphans, confirmations and file records were written.
+        async with harness.engine.connect() as blocker:
+            await blocker.begin()
+            await blocker.exec_driver_sql("SELECT 1 FROM tpms WHERE uuid = $1 FOR UPDATE", (vm.tpm_uuid,))
+            job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
+
+            async def cleanup_waits_for_the_lock() -> bool:
+                waiting = await harness.rows(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM tpms%'"
+                )
+                return bool(waiting)
+
+            await wait_until(cleanup_waits_for_the_lock, timeout=60, what="the cleanup waits on the TPM row")
+            await first.kill()
+            second = await harness.start_service()
+            # The dead process's transaction still holds the job row: nobody may take the job meanwhile.
+            assert (await harness.job(job_id)).state == "running"
+            await blocker.rollback()
+
+        job = await harness.wait_for_job_state(job_id, "succeeded")
+        assert job.attempts == 2 and job.orphan_files == 0
+        assert second.logged("job succeeded", job_id=job_id)
+        await harness.assert_removed(vm, job_id)
+        assert not [p for p in vm.paths() if p.exists()]
+        confirmed = await harness.rows("SELECT path FROM confirmed_deletions WHERE job_id = :j", j=job_id)
+        assert sorted(r.path for r in confirmed) == sorted(str(p) for p in vm.paths())
+        # Every host had confirmed before the kill: the next process only committed the cleanup.
+        for host in hosts:
+            assert host.agent.times_sent() == {str(p): 1 for p in vm.files[host.uuid]}
+
+
+async def test_killed_during_an_orphan_retry_the_next_process_retries_it_until_confirmed(
+    server_url: str, tmp_path: Path
+) -> None:
+    async with fault_harness(server_url, tmp_path) as harness:
+        # The reaper holds claimed orphans for 2 × AGENT_TIMEOUT_SECONDS + 5 s: keep that short.
+        first = await harness.start_service(AGENT_TIMEOUT_SECONDS="3")
+        http = await harness.client(first)
+        host = await harness.add_host(http)
+        vm = await harness.add_vm(http, [host])
+        host.agent.mode = "http500"
+
+        job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
+        job = await harness.wait_for_job_state(job_id, "succeeded")
+        assert job.orphan_files == 2
+        await harness.assert_removed(vm, job_id)
+
+        calls_before = len(host.agent.requests)
+        gate = host.agent.hold_next()
+        host.agent.mode = "ok"
+        await wait_until(
+            lambda: len(host.agent.requests) > calls_before and host.agent.open_requests(),
+            timeout=60,
+            what="an orphan retry is in flight",
+        )
+        await first.kill()
+        gate.set()
+        await harness.start_service(AGENT_TIMEOUT_SECONDS="3")
+
+        async def orphans_gone() -> bool:
+            return not await harness.rows("SELECT 1 FROM orphan_files WHERE vm_uuid = :v", v=vm.uuid)
+
+        await wait_until(orphans_gone, timeout=90, what="the orphans are confirmed")
+        assert not [p for p in vm.paths() if p.exists()]
+        confirmed = await harness.rows("SELECT path FROM confirmed_deletions WHERE job_id = :j", j=job_id)
+        assert sorted(r.path for r in confirmed) == sorted(str(p) for p in vm.paths())
+        assert host.agent.times_confirmed() == {str(p): 1 for p in vm.paths()}
+        assert host.agent.sent_after_confirmation() == []
+        report = await harness.audit()
+        assert report.ok, report.render()
+
