@@ -12,7 +12,7 @@ from app.agent_client import AgentClient
 from app.api import health, hosts, jobs, orphans, tpm, vms
 from app.api.deps import require_token
 from app.api.docs import add_offline_docs
-from app.api.errors import install_error_handlers
+from app.api.errors import install_error_handlers, problem_responses
 from app.api.limits import BodySizeLimit
 from app.db import COMMAND_TIMEOUT_SECONDS, asyncpg_dsn, create_engine, create_session_factory, resolve_database_url
 from app.metrics import HttpMetrics
@@ -119,7 +119,7 @@ def create_app(
     add_request_ids(app)
     app.include_router(health.router)
     add_offline_docs(app)
-    protected = APIRouter(dependencies=[Depends(require_token)])
+    protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 503))
     for module in (hosts, vms, tpm, jobs, orphans):
         protected.include_router(module.router)
     app.include_router(protected)

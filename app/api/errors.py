@@ -81,12 +81,28 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected_error)
 
 
+# What the answers that many routes share mean, for readers of the schema.
+_PROBLEM_DESCRIPTIONS = {
+    401: "API_TOKEN is set and the request lacks `Authorization: Bearer <API_TOKEN>`",
+    413: "The request body is larger than 1 MiB",
+    503: "The database cannot be reached; try again after `Retry-After` seconds",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}}
+
+
 # For the OpenAPI schema: the answers every route may give besides its own.
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for problem+json answers with these statuses."""
     from app.schemas import Problem
 
+    # The schema goes under problem+json itself (a `model` would file it under application/json,
+    # a media type these answers never have).
+    content = {PROBLEM_JSON: {"schema": Problem.model_json_schema()}}
     return {
-        status: {"model": Problem, "description": HTTPStatus(status).phrase, "content": {PROBLEM_JSON: {}}}
+        status: {
+            "description": _PROBLEM_DESCRIPTIONS.get(status, HTTPStatus(status).phrase),
+            "content": content,
+            **({"headers": _RETRY_AFTER} if status == 503 else {}),
+        }
         for status in statuses
     }

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.errors import problem
+from app.api.errors import problem, problem_responses
 from app.db import ping
 
 router = APIRouter(tags=["health"])
@@ -17,7 +17,7 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: 200 when the database answers within a second, else 503",
-    responses={503: {"description": "The database does not answer"}},
+    responses=problem_responses(503),
 )
 async def readyz(request: Request) -> Response:
     if await ping(request.app.state.engine, timeout=1.0):

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/hosts", tags=["inventory"])
     status_code=200,
     summary="Create or replace a host",
     description="201 when the host was created, 200 when it was replaced.",
-    responses={201: {"model": HostOut, "description": "Created"}, **problem_responses(422)},
+    responses={201: {"model": HostOut, "description": "Created"}, **problem_responses(400, 413, 422)},
 )
 async def put_host(host_uuid: UUID, body: HostIn, session: SessionDep, response: Response) -> HostOut:
     async with session.begin():

@@ -19,7 +19,7 @@ router = APIRouter(prefix="/vms/{vm_uuid}/tpm", tags=["tpm"])
     status_code=201,
     summary="Give the VM a TPM",
     description="409 when the VM already has a TPM or a removal of its TPM is under way.",
-    responses=problem_responses(404, 409, 422),
+    responses=problem_responses(400, 404, 409, 413, 422),
 )
 async def create_tpm(vm_uuid: UUID, body: TpmIn, session: SessionDep) -> TpmOut:
     async with session.begin():

@@ -19,7 +19,7 @@ router = APIRouter(prefix="/vms", tags=["inventory"])
     response_model=VmOut,
     summary="Create or replace a VM",
     description="201 when the VM was created, 200 when it was replaced.",
-    responses={201: {"model": VmOut, "description": "Created"}, **problem_responses(422)},
+    responses={201: {"model": VmOut, "description": "Created"}, **problem_responses(400, 413, 422)},
 )
 async def put_vm(vm_uuid: UUID, body: VmIn, session: SessionDep, response: Response) -> VmOut:
     async with session.begin():
@@ -44,7 +44,7 @@ async def get_vm(vm_uuid: UUID, session: SessionDep) -> VmOut:
         "TPM state or NVRAM, original or backup (`backup: true`). 404 when the VM or host is unknown; "
         "409 when that host already has a file recorded at that path."
     ),
-    responses=problem_responses(404, 409, 422),
+    responses=problem_responses(400, 404, 409, 413, 422),
 )
 async def add_host_file(vm_uuid: UUID, body: HostFileIn, session: SessionDep) -> HostFileOut:
     async with session.begin():
