@@ -94,7 +94,7 @@ async def test_killed_during_an_orphan_retry_the_next_process_retries_it_until_c
     server_url: str, tmp_path: Path
 ) -> None:
     async with fault_harness(server_url, tmp_path) as harness:
-        # The reaper holds claimed orphans for 2 × AGENT_TIMEOUT_SECONDS + 5 s: keep that short.
+        # The reaper holds claimed orphans for 2 x AGENT_TIMEOUT_SECONDS + 5 s: keep that short.
         first = await harness.start_service(AGENT_TIMEOUT_SECONDS="3")
         http = await harness.client(first)
         host = await harness.add_host(http)
@@ -129,4 +129,3 @@ async def test_killed_during_an_orphan_retry_the_next_process_retries_it_until_c
         assert host.agent.sent_after_confirmation() == []
         report = await harness.audit()
         assert report.ok, report.render()
-

@@ -1,0 +1,102 @@
+"""A process stalled (SIGSTOP) past its lease while it holds a job: another process takes the job over and
+finishes it; when the first resumes (SIGCONT) and its held agent call comes back, it changes nothing."""
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from process_helpers import FaultHarness, SeededVm, ServiceProcess, fault_harness, wait_until
+
+pytestmark = pytest.mark.reliability
+
+
+async def snapshot(harness: FaultHarness, vm: SeededVm, job_id: str) -> dict[str, list[Any]]:
+    """What the job left: its row, its hosts and files, the orphans (which files, not their retry count),
+    the confirmations, and the VM's TPM and records."""
+    queries = {
+        "job": "SELECT * FROM jobs WHERE id = :j",
+        "job_hosts": "SELECT * FROM job_hosts WHERE job_id = :j ORDER BY host_uuid",
+        "job_files": "SELECT * FROM job_files WHERE job_id = :j ORDER BY file_uuid",
+        "orphans": "SELECT uuid, host_uuid, vm_uuid, job_id, path, type FROM orphan_files WHERE job_id = :j "
+        "ORDER BY uuid",
+        "confirmed": "SELECT * FROM confirmed_deletions WHERE job_id = :j ORDER BY file_uuid",
+        "records": "SELECT uuid FROM host_files WHERE vm_uuid = :v UNION ALL SELECT uuid FROM tpms WHERE vm_uuid = :v",
+    }
+    return {name: [tuple(row) for row in await harness.rows(sql, j=job_id, v=vm.uuid)] for name, sql in queries.items()}
+
+
+async def stop_outside_transactions(harness: FaultHarness, service: ServiceProcess) -> None:
+    """SIGSTOP the process at a moment it has no transaction open.
+
+    A process stopped inside a transaction (a lease renewal, say) would keep the job row locked and
+    nobody could take the job until it resumes; that is PostgreSQL's business (idle_in_transaction_
+    session_timeout), not what this test is about. Only this process and the test use the database.
+    """
+
+    async def stopped_idle() -> bool:
+        service.send(signal.SIGSTOP)
+        open_transactions = await harness.rows(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND state LIKE 'idle in transaction%'"
+        )
+        if open_transactions:
+            service.send(signal.SIGCONT)
+        return not open_transactions
+
+    await wait_until(stopped_idle, timeout=30, what="the process stopped outside a transaction", interval=0.02)
+
+
+async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(server_url: str, tmp_path: Path) -> None:
+    async with fault_harness(server_url, tmp_path) as harness:
+        first = await harness.start_service()
+        http = await harness.client(first)
+        held, failing = await harness.add_host(http), await harness.add_host(http)
+        vm = await harness.add_vm(http, [held, failing])
+        failing.agent.mode = "http500"  # its files become orphans, retried by whoever is alive
+        gate = held.agent.hold_next()
+
+        job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
+        await wait_until(lambda: held.agent.open_requests(), timeout=60, what="the held host is called")
+
+        async def failing_host_recorded() -> bool:
+            return (await harness.job_host_states(job_id)).get(failing.uuid) == "failed"
+
+        await wait_until(failing_host_recorded, timeout=30, what="the failing host's outcome is recorded")
+        await stop_outside_transactions(harness, first)
+        second = await harness.start_service()
+
+        job = await harness.wait_for_job_state(job_id, "succeeded")
+        assert job.attempts == 2 and job.orphan_files == len(vm.files[failing.uuid])
+        assert await harness.job_host_states(job_id) == {held.uuid: "deleted", failing.uuid: "failed"}
+        assert second.logged("job succeeded", job_id=job_id)
+        before = await snapshot(harness, vm, job_id)
+        retries_before = len(first.logged("orphan retry failed"))
+
+        first.send(signal.SIGCONT)
+        gate.set()  # the stalled process's call comes back now (confirmed, or timed out while it slept)
+        await wait_until(lambda: not held.agent.open_requests(), timeout=30, what="the stalled call was answered")
+        await wait_until(
+            lambda: (
+                first.logged("job lease lost; another process owns it now, stopping", job_id=job_id)
+                or first.logged("job lease taken over; job stopped", job_id=job_id)
+            ),
+            timeout=30,
+            what="the resumed process notices it lost the job",
+        )
+        # Its loops have gone round again since (its reaper retried the orphans): it had every chance to write.
+        await wait_until(
+            lambda: len(first.logged("orphan retry failed")) > retries_before,
+            timeout=60,
+            what="the resumed process retries orphans",
+        )
+        after = await snapshot(harness, vm, job_id)
+
+        assert after == before
+        assert not first.logged("job succeeded", job_id=job_id)
+        # Sent once by each process (the stalled one's request was already out); never after a confirmation.
+        assert held.agent.times_sent() == {str(p): 2 for p in vm.files[held.uuid]}
+        assert held.agent.sent_after_confirmation() == []
+        assert not [p for p in vm.files[held.uuid] if p.exists()]
+        report = await harness.audit()
+        assert report.ok, report.render()
