@@ -15,8 +15,8 @@ run: $(INSTALLED)  ## start the service on 127.0.0.1:8000 (embedded PostgreSQL u
 	$(PY) -m app serve
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check app tests migrations bench
-	$(VENV)/bin/ruff format --check app tests migrations bench
+	$(VENV)/bin/ruff check app tests migrations bench scripts
+	$(VENV)/bin/ruff format --check app tests migrations bench scripts
 	$(VENV)/bin/mypy app
 
 test: lint  ## ruff, mypy and the whole pytest suite against a real PostgreSQL
@@ -24,6 +24,9 @@ test: lint  ## ruff, mypy and the whole pytest suite against a real PostgreSQL
 
 bench: $(INSTALLED)  ## the benchmark: fan-out, throughput against a bare baseline, SQL per job, memory (docs/BENCHMARK.md)
 	$(PY) -m bench
+
+demo: $(INSTALLED)  ## embedded PostgreSQL, the service and two agents on temporary folders: a removal, then one with a host down
+	$(PY) scripts/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
