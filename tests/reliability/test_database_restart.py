@@ -10,15 +10,17 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_helpers import running_agent
-from inventory_helpers import add_file, make_files, put_host, put_vm
-from restart_helpers import eventually, own_postgres, serve_process, start_postgres, stop_postgres
+from pg_helpers import separate_postgres, start_postgres, stop_postgres
+from process_helpers import fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 
 # No answer may take longer than this, outage or not (long-polls: this beyond their wait).
 ANSWER_BOUND_SECONDS = 5.0
 LONG_POLL_SECONDS = 1.0
+AGENT_DELAY_SECONDS = 1.0
+# Longer than JOB_LEASE_SECONDS of the fault harness: every lease runs out while the database is away.
+OUTAGE_SECONDS = 4.0
 # A pause between one caller's requests: a steady stream rather than a flood that starves a loaded machine.
 PACE_SECONDS = 0.01
 
@@ -45,6 +47,7 @@ class RequestStream:
     spare_vms: list[str]
     answers: list[Answer] = field(default_factory=list)
     accepted_jobs: list[str] = field(default_factory=list)
+    etags: dict[str, str] = field(default_factory=dict)
     outage: bool = False
     stopped: bool = False
 
@@ -60,7 +63,9 @@ class RequestStream:
             if kind == 0:
                 await self._send("GET /vms/{vm}", "GET", f"/vms/{vm}")
             elif kind == 1:
-                await self._send("GET /jobs/{id}", "GET", f"/jobs/{job}")
+                answer = await self._send("GET /jobs/{id}", "GET", f"/jobs/{job}")
+                if answer is not None and answer.status_code == 200:
+                    self.etags[job] = answer.headers["ETag"]
             elif kind == 2:
                 await self._send("GET /jobs?vm_uuid=", "GET", "/jobs", params={"vm_uuid": vm})
             elif kind == 3:
@@ -69,8 +74,8 @@ class RequestStream:
             elif kind == 4:
                 await self._send("GET /orphan-files", "GET", "/orphan-files")
             elif kind == 5:
-                # Long-poll with an ETag that never matches: it reads the job, which needs the database.
-                headers = {"If-None-Match": '"stale"'}
+                # A long-poll on the job as last seen: it waits, and a change or the outage ends the wait.
+                headers = {"If-None-Match": self.etags.get(job, '"not seen yet"')}
                 params = {"wait": LONG_POLL_SECONDS}
                 await self._send("GET /jobs/{id}?wait", "GET", f"/jobs/{job}", params=params, headers=headers)
             elif self.spare_vms:
@@ -118,101 +123,87 @@ async def readyz_is(http: httpx.AsyncClient, status: int) -> bool:
 
 
 async def test_database_restart_under_load_answers_503_then_recovers_and_finishes_every_job(tmp_path: Path) -> None:
-    roots = [tmp_path / "host-a", tmp_path / "host-b"]
-    async with (
-        own_postgres() as postgres,
-        running_agent(roots[0], delay_seconds=1.0) as agent_a,
-        running_agent(roots[1], delay_seconds=1.0) as agent_b,
-    ):
-        settings = {
-            "agent_timeout_seconds": "10",
-            "job_lease_seconds": "3",
-            "worker_poll_seconds": "0.2",
-            "orphan_retry_seconds": "60",
-        }
-        with serve_process(postgres.url, tmp_path, **settings) as served:
-            timeout = httpx.Timeout(ANSWER_BOUND_SECONDS + LONG_POLL_SECONDS + 10)
-            async with httpx.AsyncClient(base_url=served.base_url, timeout=timeout) as http:
-                hosts = [await put_host(http, agent_a), await put_host(http, agent_b)]
-                vms = [await put_vm(http) for _ in range(6)]
-                spare_vms = [await put_vm(http) for _ in range(6)]
-                files: list[Path] = []
-                for vm in vms + spare_vms:
-                    for host, root in zip(hosts, roots, strict=True):
-                        state, nvram = make_files(root, vm, "tpm2-00.permall", "nvram.fd")
-                        await add_file(http, vm, host, state)
-                        await add_file(http, vm, host, nvram, type="NvRam")
-                        files += [state, nvram]
+    with separate_postgres() as (server_url, pgdata):
+        async with fault_harness(server_url, tmp_path) as harness:
+            service = await harness.start_service()
+            http = await harness.client(service)
+            hosts = [await harness.add_host(http), await harness.add_host(http)]
+            for host in hosts:
+                # Slow hosts keep jobs in flight, so that the outage lands in the middle of them.
+                host.agent.mode, host.agent.slow_seconds = "slow", AGENT_DELAY_SECONDS
+            vms = {vm.uuid: vm for vm in [await harness.add_vm(http, hosts) for _ in range(12)]}
+            first, spare = list(vms)[:6], list(vms)[6:]
+            jobs = []
+            for vm_uuid in first:
+                answer = await http.delete(f"/vms/{vm_uuid}/tpm")
+                assert answer.status_code == 202, answer.text
+                jobs.append(answer.json()["id"])
 
-                jobs = []
-                for vm in vms:
-                    answer = await http.delete(f"/vms/{vm}/tpm")
-                    assert answer.status_code == 202, answer.text
-                    jobs.append(answer.json()["id"])
+            async def some_job_running() -> bool:
+                return any(j["state"] == "running" for j in (await job_states(http, jobs)).values())
 
-                async def some_job_running() -> bool:
-                    return any(j["state"] == "running" for j in (await job_states(http, jobs)).values())
+            await wait_until(some_job_running, timeout=30, what="a job running")
 
-                await eventually(some_job_running, timeout=30, what="a job running")
+            stream = RequestStream(http, first, jobs, spare)
+            callers = [asyncio.create_task(stream.caller(n)) for n in range(4)]
+            try:
+                await wait_until(lambda: _answers_after(stream, 0, 8), timeout=30, what="answers before the outage")
 
-                stream = RequestStream(http, vms, jobs, spare_vms)
-                callers = [asyncio.create_task(stream.caller(n)) for n in range(4)]
-                try:
-                    await eventually(lambda: _answers_after(stream, 0, 8), timeout=30, what="answers before the outage")
+                stream.outage = True
+                await asyncio.to_thread(stop_postgres, pgdata)
+                outage_began = len(stream.answers)
+                await wait_until(lambda: readyz_is(http, 503), timeout=10, what="/readyz 503 during the outage")
+                assert (await http.get("/healthz")).status_code == 200
+                outage_ends = time.monotonic() + OUTAGE_SECONDS
+                await wait_until(
+                    lambda: _answers_after(stream, outage_began, 30, until=outage_ends),
+                    timeout=60,
+                    what="answers during the outage",
+                )
 
-                    stream.outage = True
-                    await asyncio.to_thread(stop_postgres, postgres.pgdata)
-                    outage_began = len(stream.answers)
-                    await eventually(lambda: readyz_is(http, 503), timeout=10, what="/readyz 503 during the outage")
-                    assert (await http.get("/healthz")).status_code == 200
-                    # Long enough for every lease to run out while the database is away.
-                    outage_ends = time.monotonic() + 4
-                    await eventually(
-                        lambda: _answers_after(stream, outage_began, 30, until=outage_ends),
-                        timeout=60,
-                        what="answers during the outage",
-                    )
+                await asyncio.to_thread(start_postgres, pgdata)
+                stream.outage = False
+                await wait_until(lambda: readyz_is(http, 200), timeout=30, what="/readyz 200 after the restart")
+                recovered = len(stream.answers)
+                await wait_until(
+                    lambda: _successes_after(stream, recovered, 10), timeout=30, what="successes after the restart"
+                )
+            finally:
+                stream.stopped = True
+                await asyncio.gather(*callers)
 
-                    await asyncio.to_thread(start_postgres, postgres.pgdata)
-                    stream.outage = False
-                    await eventually(lambda: readyz_is(http, 200), timeout=30, what="/readyz 200 after the restart")
-                    recovered = len(stream.answers)
-                    await eventually(
-                        lambda: _successes_after(stream, recovered, 10), timeout=30, what="successes after the restart"
-                    )
-                finally:
-                    stream.stopped = True
-                    await asyncio.gather(*callers)
+            accepted = jobs + stream.accepted_jobs
 
-                accepted = jobs + stream.accepted_jobs
+            async def all_jobs_ended() -> bool:
+                states = await job_states(http, accepted)
+                return len(states) == len(accepted) and all(
+                    j["state"] in ("succeeded", "failed") for j in states.values()
+                )
 
-                async def all_jobs_ended() -> bool:
-                    states = await job_states(http, accepted)
-                    return len(states) == len(accepted) and all(
-                        j["state"] in ("succeeded", "failed") for j in states.values()
-                    )
+            await wait_until(all_jobs_ended, timeout=90, interval=0.5, what="every accepted job ended")
+            final = await job_states(http, accepted)
+            log = service.log_text()
 
-                await eventually(all_jobs_ended, timeout=90, interval=0.5, what="every accepted job ended")
-                final = await job_states(http, accepted)
+            errors = [a for a in stream.answers if a.status == 0 or (a.status >= 500 and a.status != 503)]
+            assert not errors, f"errors other than 503: {errors[:10]}"
+            assert [a for a in stream.answers if a.during_outage and a.status == 503], "no request met the outage"
+            unavailable = [a for a in stream.answers if a.status == 503]
+            assert all(a.content_type == "application/problem+json" and a.retry_after for a in unavailable), (
+                unavailable[:10]
+            )
+            bound = ANSWER_BOUND_SECONDS
+            slow = [a for a in stream.answers if a.seconds > bound + LONG_POLL_SECONDS * ("wait" in a.request)]
+            assert not slow, slow[:10]
 
-    log = served.log()
-    errors = [a for a in stream.answers if a.status == 0 or (a.status >= 500 and a.status != 503)]
-    assert not errors, f"errors other than 503: {errors[:10]}\n{log[-5000:]}"
-    assert [a for a in stream.answers if a.during_outage and a.status == 503], "no request met the outage"
-    unavailable = [a for a in stream.answers if a.status == 503]
-    assert all(a.content_type == "application/problem+json" and a.retry_after for a in unavailable), unavailable[:10]
-    slow = [a for a in stream.answers if a.seconds > ANSWER_BOUND_SECONDS + LONG_POLL_SECONDS * ("wait" in a.request)]
-    assert not slow, slow[:10]
-
-    assert len(stream.accepted_jobs) > 0
-    not_succeeded = {job_id: job for job_id, job in final.items() if job["state"] != "succeeded"}
-    assert not not_succeeded, not_succeeded
-    assert all(h["state"] == "deleted" for job in final.values() for h in job["hosts"]), final
-    removed_vms = {job["vm_uuid"] for job in final.values()}
-    left = [f for f in files if f.parent.name in removed_vms and f.exists()]
-    assert not left, left
-    # An outage is no reason to count a job step as failed, nor to log an unexpected error.
-    assert "unhandled error" not in log and "job step failed" not in log, log[-5000:]
+            assert stream.accepted_jobs, "no removal was accepted around the outage"
+            assert {j["state"] for j in final.values()} == {"succeeded"}, final
+            assert {h["state"] for j in final.values() for h in j["hosts"]} == {"deleted"}, final
+            for job_id, job in final.items():
+                vm = vms[job["vm_uuid"]]
+                await harness.assert_removed(vm, job_id)
+                assert not [p for p in vm.paths() if p.exists()]
+            # An outage is no reason to count a job step as failed, nor to log an unexpected error.
+            assert "unhandled error" not in log and "job step failed" not in log
 
 
 async def _answers_after(stream: RequestStream, start: int, count: int, *, until: float = 0.0) -> bool:
