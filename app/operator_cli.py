@@ -24,8 +24,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # Each long-poll asks the service to hold the answer this long; the read timeout leaves room around it.
 POLL_WAIT_SECONDS = 30
 REQUEST_TIMEOUT_SECONDS = 10.0
-# While following a job, a replica restarting or a database outage (503) is waited out this many times.
-MAX_POLL_RETRIES = 10
+# While following a job, a replica restarting or a database outage (503) is waited out this long.
+POLL_OUTAGE_SECONDS = 60.0
+POLL_RETRY_DELAY_SECONDS = 1.0
 MAX_PAGE_SIZE = 1000
 
 EXIT_SUCCEEDED = 0
@@ -56,6 +57,11 @@ err = Console(stderr=True, soft_wrap=True)
 class ServiceCallError(Exception):
     """A call to the service that did not give the answer the command needs."""
 
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+        """Whether the same call may well succeed a little later (service unreachable, or 503)."""
+
 
 @contextmanager
 def service_client(url: str, token: str | None) -> Iterator[httpx.Client]:
@@ -75,9 +81,10 @@ def call(client: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Re
     try:
         answer = client.request(method, url, **kwargs)
     except httpx.TransportError as error:
-        raise ServiceCallError(f"cannot reach the service at {client.base_url}: {error!r}") from error
+        raise ServiceCallError(f"cannot reach the service at {client.base_url}: {error!r}", transient=True) from error
     if answer.status_code >= 400:
-        raise ServiceCallError(f"{method} {url}: {answer.status_code} {_problem_detail(answer)}")
+        message = f"{method} {url}: {answer.status_code} {_problem_detail(answer)}"
+        raise ServiceCallError(message, transient=answer.status_code == 503)
     return answer
 
 
@@ -116,25 +123,20 @@ def exit_status(job: Job) -> int:
 def wait_for_change(client: httpx.Client, job_id: str, etag: str) -> httpx.Response | None:
     """Long-poll the job until it differs from `etag`; its new answer, or None when the poll ran out unchanged.
 
-    A replica restarting or a database outage (503) is retried, so a follower outlives both.
+    A replica restarting or a database outage (503) is waited out for a while, so a follower outlives both.
     """
-    for attempt in range(MAX_POLL_RETRIES + 1):
+    give_up_at = time.monotonic() + POLL_OUTAGE_SECONDS
+    while True:
         try:
-            answer = client.get(f"/jobs/{job_id}", params={"wait": POLL_WAIT_SECONDS}, headers={"If-None-Match": etag})
-        except httpx.TransportError as error:
-            if attempt == MAX_POLL_RETRIES:
-                raise ServiceCallError(f"lost the service at {client.base_url}: {error!r}") from error
-            time.sleep(1.0)
+            answer = call(
+                client, "GET", f"/jobs/{job_id}", params={"wait": POLL_WAIT_SECONDS}, headers={"If-None-Match": etag}
+            )
+        except ServiceCallError as error:
+            if not error.transient or time.monotonic() >= give_up_at:
+                raise
+            time.sleep(POLL_RETRY_DELAY_SECONDS)
             continue
-        if answer.status_code == 304:
-            return None
-        if answer.status_code == 503 and attempt < MAX_POLL_RETRIES:
-            time.sleep(float(answer.headers.get("Retry-After", "1")))
-            continue
-        if answer.status_code >= 400:
-            raise ServiceCallError(f"GET /jobs/{job_id}: {answer.status_code} {_problem_detail(answer)}")
-        return answer
-    raise AssertionError("unreachable: the last attempt returns or raises")
+        return None if answer.status_code == 304 else answer
 
 
 def follow_job(client: httpx.Client, job: Job, etag: str, *, show: bool) -> Job:
