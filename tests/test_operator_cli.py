@@ -174,3 +174,16 @@ async def test_refused_calls_exit_1_with_the_services_reason(service: LocalProce
     unreachable = await run_cli("orphans", url=closed_port_url())
     assert unreachable.exit_code == EXIT_FAILED
     assert "cannot reach the service" in unreachable.stderr
+
+
+async def test_the_service_process_logs_json_lines_with_request_ids_and_never_the_token(
+    service: LocalProcess, api: httpx.AsyncClient
+) -> None:
+    await api.get("/orphan-files", headers={"X-Request-ID": "cli-log-check-1"})
+    await api.get("/orphan-files", headers={"Authorization": "Bearer wrong-token-in-log-check"})
+    await asyncio.sleep(0.5)  # the access log line is written after the answer
+
+    text = service.log_path.read_text()
+    assert API_TOKEN not in text and "wrong-token-in-log-check" not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert any(line.get("request_id") == "cli-log-check-1" for line in lines), text[-2000:]
