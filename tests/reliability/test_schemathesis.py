@@ -4,19 +4,17 @@ The app runs in-process without its worker: removals are queued but no host agen
 so whatever agent URLs the fuzzer invents are never dialled.
 """
 
-import asyncio
 from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from conftest import create_database
 from conftest import test_settings as service_settings
+from pg_helpers import create_migrated_database
 from schemathesis.engine import Status, events
 from schemathesis.engine.recorder import ScenarioRecorder
 from schemathesis.python import asgi
 
 from app.main import create_app
-from app.migrate import upgrade
 
 pytestmark = pytest.mark.reliability
 
@@ -27,11 +25,9 @@ CHECKS = ("not_a_server_error", "status_code_conformance", "response_schema_conf
 
 
 @pytest.fixture
-def fuzz_database_url(server_url: str) -> str:
+async def fuzz_database_url(server_url: str) -> str:
     """A database of the fuzz run's own, so its random rows never meet another test's lists."""
-    url = asyncio.run(create_database(server_url))
-    upgrade(url)
-    return url
+    return await create_migrated_database(server_url)
 
 
 @pytest.fixture
