@@ -31,10 +31,19 @@ def asyncpg_dsn(database_url: str) -> str:
     return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def create_engine(database_url: str, *, pool_size: int = 20, command_timeout: float | None = None) -> AsyncEngine:
+def create_engine(
+    database_url: str,
+    *,
+    pool_size: int = 20,
+    command_timeout: float | None = None,
+    idle_transaction_timeout: float = 0,
+) -> AsyncEngine:
     """An engine whose pool survives database restarts (pre-ping) and fails fast while the database is down.
 
     `command_timeout` bounds every statement (and pre-ping) in seconds; None leaves long statements alone.
+    `idle_transaction_timeout` has the server end a session that sits inside a transaction that many seconds
+    without a statement: its process is stalled (paused, starved), and the row locks it holds must not keep
+    other processes from taking its jobs over. 0 leaves such sessions be.
     """
     return create_async_engine(
         database_url,
@@ -46,7 +55,10 @@ def create_engine(database_url: str, *, pool_size: int = 20, command_timeout: fl
         connect_args={
             "timeout": CONNECT_TIMEOUT_SECONDS,
             "command_timeout": command_timeout,
-            "server_settings": {"application_name": "vtpm"},
+            "server_settings": {
+                "application_name": "vtpm",
+                "idle_in_transaction_session_timeout": str(round(idle_transaction_timeout * 1000)),
+            },
         },
     )
 

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 # Unless SHUTDOWN_GRACE_SECONDS says otherwise, a stopping process lets its running jobs go on this much
 # longer than an agent call may take before it hands them back.
 SHUTDOWN_GRACE_MARGIN_SECONDS = 2.0
+# A transaction left idle longer than a job lease belongs to a stalled process, whose lease has run out too: the
+# server ends it, so that the job row it locked can be taken over. Never sooner than this, so that a busy process
+# between two statements is not taken for a stalled one.
+STALLED_TRANSACTION_MIN_SECONDS = 10.0
 
 
 @asynccontextmanager
@@ -37,7 +41,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     database_url = app.state.database_url or resolve_database_url(settings)
     if settings.api_token is None:
         log.warning("API_TOKEN is not set: the API accepts every caller")
-    engine = create_engine(database_url, pool_size=settings.db_pool_size, command_timeout=COMMAND_TIMEOUT_SECONDS)
+    engine = create_engine(
+        database_url,
+        pool_size=settings.db_pool_size,
+        command_timeout=COMMAND_TIMEOUT_SECONDS,
+        idle_transaction_timeout=max(settings.job_lease_seconds, STALLED_TRANSACTION_MIN_SECONDS),
+    )
     sessions = create_session_factory(engine)
     http = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=settings.agent_concurrency, limit_per_host=0),

@@ -48,6 +48,9 @@ FAST_SETTINGS = {
     "DB_POOL_SIZE": "5",
     "LOG_LEVEL": "INFO",
 }
+# The process that takes a job over is not faulted: a longer lease keeps a starved machine from passing
+# the job on a third time, which would blur what the test counts.
+SURVIVOR = {"JOB_LEASE_SECONDS": "10"}
 # Settings of the developer's shell that would change what the test starts.
 _UNSET = ("API_TOKEN", "AGENT_TOKEN", "SHUTDOWN_GRACE_SECONDS", "WORKER_MAX_JOBS", "JOB_MAX_FAILURES")
 # Generous bounds: the machine is small and shared; a bound is there to end a broken test, not to time it.
@@ -344,6 +347,30 @@ class FaultHarness:
 
         await wait_until(reached, timeout=timeout, what=f"job {job_id} {state}")
         return await self.job(job_id)
+
+    @asynccontextmanager
+    async def tpm_row_locked(self, vm: SeededVm) -> AsyncIterator[None]:
+        """Keep the VM's TPM row locked for the block, in a transaction of the test's own.
+
+        A removal's cleanup then waits in its DELETE FROM tpms, after it fenced (and so locked) the job
+        row and wrote orphans, confirmations and file deletions: a fault injected meanwhile lands inside
+        the cleanup transaction, with no hook in the service.
+        """
+        async with self.engine.connect() as conn, conn.begin():
+            await conn.execute(text("SELECT 1 FROM tpms WHERE uuid = :t FOR UPDATE"), {"t": vm.tpm_uuid})
+            yield
+
+    async def wait_for_blocked_cleanup(self) -> None:
+        """Wait until a cleanup transaction waits for the TPM row lock (see `tpm_row_locked`)."""
+
+        async def blocked() -> bool:
+            waiting = await self.rows(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM tpms%'"
+            )
+            return bool(waiting)
+
+        await wait_until(blocked, timeout=60, what="the cleanup waits for the TPM row")
 
     async def audit(self, vms: Sequence[SeededVm] | None = None) -> AuditReport:
         """The audit of the whole test database (or of some VMs)."""

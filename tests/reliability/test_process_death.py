@@ -8,7 +8,7 @@ been sent for deletion, none sent again after its host confirmed it, and the aud
 from pathlib import Path
 
 import pytest
-from process_helpers import fault_harness, wait_until
+from process_helpers import SURVIVOR, fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -32,7 +32,7 @@ async def test_killed_while_a_host_call_is_held_the_next_process_finishes_the_jo
         await wait_until(quick_host_recorded, timeout=30, what="the quick host's outcome is recorded")
         await first.kill()
         gate.set()
-        second = await harness.start_service()
+        second = await harness.start_service(**SURVIVOR)
 
         job = await harness.wait_for_job_state(job_id, "succeeded")
         assert job.attempts == 2 and job.orphan_files == 0
@@ -57,26 +57,13 @@ async def test_killed_inside_the_cleanup_transaction_the_next_process_commits_it
         hosts = [await harness.add_host(http), await harness.add_host(http)]
         vm = await harness.add_vm(http, hosts)
 
-        # The test's own transaction locks the TPM row: the cleanup's DELETE FROM tpms waits for it,
-        # after the job row was fenced and the orphans, confirmations and file records were written.
-        async with harness.engine.connect() as blocker:
-            await blocker.begin()
-            await blocker.exec_driver_sql("SELECT 1 FROM tpms WHERE uuid = $1 FOR UPDATE", (vm.tpm_uuid,))
+        async with harness.tpm_row_locked(vm):
             job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
-
-            async def cleanup_waits_for_the_lock() -> bool:
-                waiting = await harness.rows(
-                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM tpms%'"
-                )
-                return bool(waiting)
-
-            await wait_until(cleanup_waits_for_the_lock, timeout=60, what="the cleanup waits on the TPM row")
+            await harness.wait_for_blocked_cleanup()
             await first.kill()
-            second = await harness.start_service()
+            second = await harness.start_service(**SURVIVOR)
             # The dead process's transaction still holds the job row: nobody may take the job meanwhile.
             assert (await harness.job(job_id)).state == "running"
-            await blocker.rollback()
 
         job = await harness.wait_for_job_state(job_id, "succeeded")
         assert job.attempts == 2 and job.orphan_files == 0

@@ -1,12 +1,13 @@
 """A process stalled (SIGSTOP) past its lease while it holds a job: another process takes the job over and
 finishes it; when the first resumes (SIGCONT) and its held agent call comes back, it changes nothing."""
 
+import asyncio
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from process_helpers import FaultHarness, SeededVm, ServiceProcess, fault_harness, wait_until
+from process_helpers import SURVIVOR, FaultHarness, SeededVm, ServiceProcess, fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -34,15 +35,23 @@ async def stop_outside_transactions(harness: FaultHarness, service: ServiceProce
     session_timeout), not what this test is about. Only this process and the test use the database.
     """
 
+    async def in_transaction() -> bool:
+        return bool(
+            await harness.rows(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND xact_start IS NOT NULL"
+            )
+        )
+
     async def stopped_idle() -> bool:
         service.send(signal.SIGSTOP)
-        open_transactions = await harness.rows(
-            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND state LIKE 'idle in transaction%'"
-        )
-        if open_transactions:
-            service.send(signal.SIGCONT)
-        return not open_transactions
+        # Twice, a moment apart: a statement sent just before the stop may still reach the server.
+        if not await in_transaction():
+            await asyncio.sleep(0.2)
+            if not await in_transaction():
+                return True
+        service.send(signal.SIGCONT)
+        return False
 
     await wait_until(stopped_idle, timeout=30, what="the process stopped outside a transaction", interval=0.02)
 
@@ -64,7 +73,7 @@ async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(se
 
         await wait_until(failing_host_recorded, timeout=30, what="the failing host's outcome is recorded")
         await stop_outside_transactions(harness, first)
-        second = await harness.start_service()
+        second = await harness.start_service(**SURVIVOR)
 
         job = await harness.wait_for_job_state(job_id, "succeeded")
         assert job.attempts == 2 and job.orphan_files == len(vm.files[failing.uuid])
@@ -100,3 +109,38 @@ async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(se
         assert not [p for p in vm.files[held.uuid] if p.exists()]
         report = await harness.audit()
         assert report.ok, report.render()
+
+
+async def test_a_process_stalled_inside_the_cleanup_transaction_loses_the_job_and_changes_nothing(
+    server_url: str, tmp_path: Path
+) -> None:
+    async with fault_harness(server_url, tmp_path) as harness:
+        first = await harness.start_service()
+        http = await harness.client(first)
+        host = await harness.add_host(http)
+        vm = await harness.add_vm(http, [host])
+
+        async with harness.tpm_row_locked(vm):
+            job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
+            await harness.wait_for_blocked_cleanup()
+            first.send(signal.SIGSTOP)
+        # The cleanup's DELETE goes through now, but its process sleeps: its transaction sits idle with the
+        # job row locked, and only the server can end it so that another process may take the job over.
+        second = await harness.start_service(**SURVIVOR)
+        job = await harness.wait_for_job_state(job_id, "succeeded", timeout=120)
+        assert job.attempts == 2
+        assert second.logged("job succeeded", job_id=job_id)
+        before = await snapshot(harness, vm, job_id)
+
+        first.send(signal.SIGCONT)
+        await wait_until(
+            lambda: [r for r in first.log_records() if r.get("job_id") == job_id and r["message"] != "job claimed"],
+            timeout=60,
+            what="the resumed process gives the job up",
+        )
+        after = await snapshot(harness, vm, job_id)
+
+        assert after == before
+        assert not first.logged("job succeeded", job_id=job_id)
+        assert host.agent.times_sent() == {str(p): 1 for p in vm.paths()}
+        await harness.assert_removed(vm, job_id)
