@@ -3,9 +3,10 @@
 import asyncio
 import logging
 import signal
+from contextlib import suppress
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from uuid import UUID
 
 import typer
@@ -16,6 +17,9 @@ from app.logs import configure_logging
 from app.migrate import upgrade
 from app.operator_cli import register as register_operator_commands
 from app.settings import get_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 cli = typer.Typer(help="vTPM cleanup service", no_args_is_help=True, add_completion=False)
 register_operator_commands(cli)
@@ -39,7 +43,24 @@ def serve(
     # there before it; with the default one the process would die by the signal (exit -15) after a
     # clean stop, which supervisors count as a crash. Stopping on request is a success: exit 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=30)
+    _Server(config, app).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the app the moment a stop is asked for (see `begin_shutdown`)."""
+
+    def __init__(self, config: uvicorn.Config, app: "FastAPI") -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        from app.main import begin_shutdown
+
+        # A signal handler interrupts the loop's thread: hand the work to the loop instead of doing it here.
+        with suppress(RuntimeError):
+            asyncio.get_running_loop().call_soon_threadsafe(begin_shutdown, self._app)
+        super().handle_exit(sig, frame)
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

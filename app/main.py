@@ -122,6 +122,7 @@ def create_app(
     app.state.settings = settings or get_settings()
     app.state.database_url = database_url
     app.state.run_worker = run_worker
+    app.state.stopping = asyncio.Event()
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit)
     app.add_middleware(HttpMetrics)
@@ -133,3 +134,14 @@ def create_app(
         protected.include_router(module.router)
     app.include_router(protected)
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """A stop was asked for: take no new job and end every long-poll now.
+
+    uvicorn lets open requests drain before the lifespan's shutdown runs; without this, open long-polls
+    would hold a stopping process for up to their wait, and its worker would go on claiming meanwhile.
+    """
+    app.state.stopping.set()
+    if app.state.run_worker:
+        app.state.worker.stop_claiming()

@@ -81,3 +81,13 @@ class Notifications:
         for watchers in self._watchers.values():
             for event in watchers:
                 event.set()
+
+
+async def wait_for_any(events: list[asyncio.Event], *, timeout: float) -> None:
+    """Wait until the first of `events` is set, or `timeout` seconds have passed."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -14,7 +14,7 @@ from app.db import is_database_unavailable
 from app.errors import LeaseLostError
 from app.jobs import JobClaim, claim_jobs, record_job_failure, release_job, renew_leases
 from app.metrics import JOBS_TOTAL, refresh_gauges
-from app.notify import Notifications
+from app.notify import Notifications, wait_for_any
 from app.orphans import OrphanReaper
 from app.removal import LeaseClock, Removal
 
@@ -59,10 +59,15 @@ class Worker:
             asyncio.create_task(self._gauge_loop(), name="refresh gauges"),
         ]
 
+    def stop_claiming(self) -> None:
+        """Take no new job from now on (the process was asked to stop); running jobs go on."""
+        if self._loops:
+            self._loops[0].cancel()
+
     async def stop(self, grace_seconds: float) -> None:
         """Take no new job; let running jobs finish within `grace_seconds`; hand the rest back at once."""
+        self.stop_claiming()
         claim_loop, *other_loops = self._loops
-        claim_loop.cancel()
         await asyncio.gather(claim_loop, return_exceptions=True)
         running = [task for _, _, task in self._running.values()]
         if running:
@@ -107,7 +112,7 @@ class Worker:
             waiters = [self._slot_freed] if free <= 0 or claims else []
             if free > 0:
                 waiters.append(self._notifications.job_queued)
-            await _first_of(waiters, timeout=self._poll_seconds)
+            await wait_for_any(waiters, timeout=self._poll_seconds)
 
     def _start_job(self, claim: JobClaim) -> None:
         lease = LeaseClock(self._lease_seconds)
@@ -198,13 +203,3 @@ def _log_loop_error(what: str, error: Exception) -> None:
         log.warning("%s: database unavailable, will retry", what, extra={"reason": repr(error)})
     else:
         log.error("%s failed", what, exc_info=error)
-
-
-async def _first_of(events: list[asyncio.Event], *, timeout: float) -> None:
-    """Wait until the first of `events` is set, or `timeout` seconds."""
-    tasks = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

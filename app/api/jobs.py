@@ -12,7 +12,7 @@ from app import jobs
 from app.api.deps import AfterQuery, LimitQuery, SessionDep
 from app.api.errors import problem_responses
 from app.api.links import set_next_link
-from app.notify import Notifications
+from app.notify import Notifications, wait_for_any
 from app.pagination import DEFAULT_LIMIT
 from app.schemas import JobOut
 
@@ -66,6 +66,7 @@ async def get_job(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     notifications: Notifications = request.app.state.notifications
+    stopping: asyncio.Event = request.app.state.stopping
     deadline = time.monotonic() + (wait or 0)
     # Subscribe before reading, so a change between the read and the wait is not missed.
     async with notifications.watch_job(job_id) as changed:
@@ -77,13 +78,11 @@ async def get_job(
             if not _matches(if_none_match, etag):
                 return job_response(job)
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            # A stopping process ends its long-polls at once; the caller polls again, on another replica.
+            if remaining <= 0 or stopping.is_set():
                 return Response(status_code=304, headers={"ETag": etag})
-            # No database connection is held while waiting: only this event.
-            try:
-                await asyncio.wait_for(changed.wait(), timeout=remaining)
-            except TimeoutError:
-                pass
+            # No database connection is held while waiting: only these events.
+            await wait_for_any([changed, stopping], timeout=remaining)
 
 
 @router.get(
