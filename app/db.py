@@ -3,10 +3,11 @@
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
+from sqlalchemy import event, make_url, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from app.embedded_db import start_embedded_postgres
@@ -38,18 +39,17 @@ def create_engine(
     command_timeout: float | None = None,
     idle_transaction_timeout: float = 0,
 ) -> AsyncEngine:
-    """An engine whose pool survives database restarts (pre-ping) and fails fast while the database is down.
+    """An engine whose pool survives database restarts and fails fast while the database is down.
 
-    `command_timeout` bounds every statement (and pre-ping) in seconds; None leaves long statements alone.
+    `command_timeout` bounds every statement in seconds; None leaves long statements alone.
     `idle_transaction_timeout` has the server end a session that sits inside a transaction that many seconds
     without a statement: its process is stalled (paused, starved), and the row locks it holds must not keep
     other processes from taking its jobs over. 0 leaves such sessions be.
     """
-    return create_async_engine(
+    engine = create_async_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
         pool_timeout=CONNECT_TIMEOUT_SECONDS,
         pool_recycle=1800,
         connect_args={
@@ -61,6 +61,17 @@ def create_engine(
             },
         },
     )
+    # Not pool_pre_ping: on asyncpg it costs three round trips (BEGIN, a ping, ROLLBACK) on every checkout,
+    # a third of a removal's database work (see docs/BENCHMARK.md). A connection the server closed (restart,
+    # shutdown) is already known closed to asyncpg and is replaced here at no cost; one that breaks during a
+    # statement fails that call (503) and SQLAlchemy then replaces every older connection of the pool.
+    event.listen(engine.sync_engine.pool, "checkout", _replace_if_closed)
+    return engine
+
+
+def _replace_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    if dbapi_connection.driver_connection.is_closed():
+        raise sa_exc.DisconnectionError("connection closed by the database server")
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
