@@ -158,19 +158,21 @@ async def _with_hosts(session: AsyncSession, jobs: list[Job]) -> list[JobOut]:
             hosts[row.job_id].append(
                 JobHostOut(host_uuid=row.host_uuid, files=row.files, state=row.state, error=row.error)
             )
-    return [
-        JobOut(
-            id=job.id,
-            type="remove-tpm",
-            vm_uuid=job.vm_uuid,
-            tpm_uuid=job.tpm_uuid,
-            state=job.state,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            hosts=hosts[job.id],
-            orphan_files=job.orphan_files,
-            error=job.error,
-        )
-        for job in jobs
-    ]
+    return [job_out(job, hosts[job.id]) for job in jobs]
+
+
+def job_out(job: Job, hosts: list[JobHostOut]) -> JobOut:
+    """The job as the API shows it, given its host outcomes (none before the job is planned)."""
+    return JobOut(
+        id=job.id,
+        type="remove-tpm",
+        vm_uuid=job.vm_uuid,
+        tpm_uuid=job.tpm_uuid,
+        state=job.state,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        hosts=hosts,
+        orphan_files=job.orphan_files,
+        error=job.error,
+    )
