@@ -118,9 +118,18 @@ async def profiling(pid: int, output: Path | None) -> AsyncIterator[None]:
 
 def describe_load(name: str, result: LoadResult) -> str:
     """One line about a batch of requests."""
+    retried = f", {result.retried} answers 503 sent again" if result.retried else ""
     return (
         f"{name}: {result.count} in {result.ended - result.started:.2f} s = {result.per_second:.0f}/s "
-        f"(latency p50 {result.latency_ms(0.5):.1f} ms, p99 {result.latency_ms(0.99):.1f} ms)"
+        f"(latency p50 {result.latency_ms(0.5):.1f} ms, p99 {result.latency_ms(0.99):.1f} ms{retried})"
+    )
+
+
+def describe_cpu(name: str, cpu_seconds: float, count: int, seconds: float, unit: str) -> str:
+    """One line about the CPU a server used for a batch: per item, and as cores busy on average."""
+    return (
+        f"{name} CPU: {cpu_seconds * 1000 / count:.2f} ms per {unit} "
+        f"({cpu_seconds / seconds:.2f} cores busy on average)"
     )
 
 
@@ -173,8 +182,11 @@ async def run(args: argparse.Namespace) -> None:
             log_path=Path(tempfile.gettempdir()) / f"vtpm-bench-baseline-{os.getpid()}.log",
         ) as baseline:
             await baseline_run(http, baseline.base_url, args.warmup, concurrency=args.concurrency)
+            cpu = baseline.cpu_seconds()
             limit = await baseline_run(http, baseline.base_url, args.removals, concurrency=args.concurrency)
+            cpu = baseline.cpu_seconds() - cpu
         report(describe_load(f"baseline INSERTs, {args.concurrency} in flight", limit))
+        report(describe_cpu("baseline", cpu, limit.count, limit.ended - limit.started, "request"))
 
         port = free_port()
         serve_args = ["-m", "app", "serve", "--port", str(port)]
@@ -220,13 +232,16 @@ async def run(args: argparse.Namespace) -> None:
             f"answering at once, {args.concurrency} DELETEs in flight (after {args.warmup} warm-up removals)"
         )
         await removal_run(http, database, service.base_url, warmup_vms, concurrency=args.concurrency)
+        cpu = service.cpu_seconds()
         async with profiling(service.pid, args.profile):
             removals = await removal_run(http, database, service.base_url, removal_vms, concurrency=args.concurrency)
+        cpu = service.cpu_seconds() - cpu
         report(describe_load("accepted DELETEs (202) alone", removals.accepted))
         report(
             f"removals end to end: {removals.succeeded} jobs succeeded {removals.end_to_end_seconds:.2f} s after the "
             f"first DELETE = {removals.removals_per_second:.0f}/s"
         )
+        report(describe_cpu("service", cpu, removals.succeeded, removals.end_to_end_seconds, "removal"))
         limit_ratio = removals.removals_per_second / limit.per_second
         report(
             f"physical-limit ratio (removals/s / baseline INSERTs/s): {limit_ratio:.2f} (goal >= {GOAL_LIMIT_RATIO})"

@@ -18,6 +18,8 @@ class LoadResult:
     ended: float
     statuses: Counter[int] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
+    retried: int = 0
+    """Answers 503 (the service shedding load) that were sent again at once; not in `statuses`."""
 
     @property
     def count(self) -> int:
@@ -49,8 +51,12 @@ async def send_all(session: aiohttp.ClientSession, method: str, urls: Sequence[s
     async def sender() -> None:
         for url in pending:
             sent = time.perf_counter()
-            async with session.request(method, url) as answer:
-                await answer.read()
+            while True:
+                async with session.request(method, url) as answer:
+                    await answer.read()
+                if answer.status != 503:
+                    break
+                result.retried += 1
             result.latencies.append(time.perf_counter() - sent)
             result.statuses[answer.status] += 1
 

@@ -38,6 +38,10 @@ class ServerProcess:
         """The process id of the server (the uvicorn supervisor when it runs workers)."""
         return self.process.pid
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) the server and every process under it used so far, from /proc."""
+        return sum(_cpu_seconds(pid) for pid in _process_tree(self.process.pid))
+
     def rss_bytes(self) -> int:
         """Resident memory of the server and every process under it (its workers), from /proc."""
         return sum(_rss_bytes(pid) for pid in _process_tree(self.process.pid))
@@ -95,6 +99,15 @@ def _process_tree(pid: int) -> list[int]:
             except OSError:
                 pass  # the task ended while we looked
     return tree
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        # The fields after the command name (which may hold spaces) start at the state, field 3.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_bytes(pid: int) -> int:

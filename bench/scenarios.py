@@ -100,7 +100,7 @@ async def removal_run(
     )
     if succeeded != len(vm_uuids):
         raise RuntimeError(f"only {succeeded} of {len(vm_uuids)} jobs succeeded")
-    return RemovalRun(accepted=accepted, succeeded=succeeded, finished_at=finished_at.timestamp())
+    return RemovalRun(accepted, succeeded, finished_at.timestamp())
 
 
 async def baseline_run(session: aiohttp.ClientSession, base_url: str, requests: int, *, concurrency: int) -> LoadResult:
