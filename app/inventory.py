@@ -1,5 +1,6 @@
 """The inventory: hosts, VMs, TPMs with their key binding, and the files VMs keep on hosts."""
 
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 from sqlalchemy import Boolean, ColumnElement, exists, literal_column, or_, select, type_coerce
@@ -15,17 +16,24 @@ from app.schemas import HostFileIn, HostIn, TpmIn, VmIn
 # PostgreSQL's xmax is 0 only on a row the statement inserted (not on one ON CONFLICT updated).
 _INSERTED = type_coerce(literal_column("xmax = 0"), Boolean).label("created")
 
+_Row = TypeVar("_Row", Host, Vm)
+
+
+async def _put(session: AsyncSession, model: type[_Row], key: UUID, values: dict[str, Any]) -> tuple[_Row, bool]:
+    """Create or replace the row of `model` whose uuid is `key`, in one statement; whether it was created."""
+    statement = (
+        insert(model)
+        .values(uuid=key, **values)
+        .on_conflict_do_update(index_elements=[model.uuid], set_=values)
+        .returning(model, _INSERTED)
+    )
+    row, created = (await session.execute(statement)).one()
+    return row, created
+
 
 async def put_host(session: AsyncSession, host_uuid: UUID, body: HostIn) -> tuple[Host, bool]:
     """Create or replace a host; the flag tells whether it was created."""
-    statement = (
-        insert(Host)
-        .values(uuid=host_uuid, name=body.name, agent_url=body.agent_url)
-        .on_conflict_do_update(index_elements=[Host.uuid], set_={"name": body.name, "agent_url": body.agent_url})
-        .returning(Host, _INSERTED)
-    )
-    host_or_vm, created = (await session.execute(statement)).one()
-    return host_or_vm, created
+    return await _put(session, Host, host_uuid, body.model_dump())
 
 
 async def get_host(session: AsyncSession, host_uuid: UUID) -> Host:
@@ -38,14 +46,7 @@ async def get_host(session: AsyncSession, host_uuid: UUID) -> Host:
 
 async def put_vm(session: AsyncSession, vm_uuid: UUID, body: VmIn) -> tuple[Vm, bool]:
     """Create or replace a VM; the flag tells whether it was created."""
-    statement = (
-        insert(Vm)
-        .values(uuid=vm_uuid, name=body.name, secure_boot=body.secure_boot)
-        .on_conflict_do_update(index_elements=[Vm.uuid], set_={"name": body.name, "secure_boot": body.secure_boot})
-        .returning(Vm, _INSERTED)
-    )
-    host_or_vm, created = (await session.execute(statement)).one()
-    return host_or_vm, created
+    return await _put(session, Vm, vm_uuid, body.model_dump())
 
 
 async def get_vm(session: AsyncSession, vm_uuid: UUID, *, lock: bool = False) -> Vm:
