@@ -51,6 +51,9 @@ FAST_SETTINGS = {
 # The process that takes a job over is not faulted: a longer lease keeps a starved machine from passing
 # the job on a third time, which would blur what the test counts.
 SURVIVOR = {"JOB_LEASE_SECONDS": "10"}
+# For a process whose agent call the test holds open: the call must not time out (a failed host, orphans)
+# before the test has injected its fault, however slow the machine.
+HOLDS_CALLS = {"AGENT_TIMEOUT_SECONDS": "60"}
 # Settings of the developer's shell that would change what the test starts.
 _UNSET = ("API_TOKEN", "AGENT_TOKEN", "SHUTDOWN_GRACE_SECONDS", "WORKER_MAX_JOBS", "JOB_MAX_FAILURES")
 # Generous bounds: the machine is small and shared; a bound is there to end a broken test, not to time it.
@@ -128,6 +131,11 @@ class ServiceProcess:
             for r in self.log_records()
             if r.get("message") == message and all(r.get(k) == v for k, v in fields.items())
         ]
+
+    async def wait_logged(self, message: str, **fields: str) -> list[dict[str, Any]]:
+        """Wait until the process has logged this message (it logs just after the commit the test saw)."""
+        await wait_until(lambda: self.logged(message, **fields), timeout=30, what=f"{self.name} logs {message!r}")
+        return self.logged(message, **fields)
 
     async def wait_ready(self) -> None:
         """Wait until /readyz answers 200 (migrations applied, database reachable, worker started)."""
@@ -395,7 +403,7 @@ async def fault_harness(server_url: str, work_dir: Path) -> AsyncIterator[FaultH
 
     On the way out every held agent call is released, then every service is shut down (so that none
     keeps calling agents that are gone), then the agents stop. The services' logs stay in `work_dir`
-    and are printed, so that a failing test shows what the processes did.
+    and are printed (but for the access log), so that a failing test shows what the processes did.
     """
     database_url = await create_database(server_url)
     await asyncio.to_thread(upgrade, database_url)
@@ -411,4 +419,4 @@ async def fault_harness(server_url: str, work_dir: Path) -> AsyncIterator[FaultH
             await asyncio.gather(*(service.shut_down() for service in harness.services))
             for service in harness.services:
                 print(f"----- {service.name} (pid {service.pid}, exit {service.process.returncode}) -----")
-                print(service.log_text()[-20000:])
+                print("\n".join(line for line in service.log_text().splitlines() if "uvicorn.access" not in line))

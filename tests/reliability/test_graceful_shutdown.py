@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from process_helpers import ServiceProcess, fault_harness, wait_until
+from process_helpers import HOLDS_CALLS, ServiceProcess, fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -22,7 +22,7 @@ def assert_closed_cleanly(service: ServiceProcess) -> None:
 
 async def test_sigterm_lets_a_call_in_flight_finish_its_job_and_exits_0(server_url: str, tmp_path: Path) -> None:
     async with fault_harness(server_url, tmp_path) as harness:
-        service = await harness.start_service(SHUTDOWN_GRACE_SECONDS="30")
+        service = await harness.start_service(**HOLDS_CALLS, SHUTDOWN_GRACE_SECONDS="60")
         http = await harness.client(service)
         host = await harness.add_host(http)
         vm = await harness.add_vm(http, [host])
@@ -73,7 +73,7 @@ async def test_sigterm_hands_a_job_back_after_the_grace_and_another_process_take
 
         second = await harness.start_service(**slow_lease)
         await harness.wait_for_job_state(job_id, "succeeded", timeout=120)
-        assert second.logged("job succeeded", job_id=job_id)
+        await second.wait_logged("job succeeded", job_id=job_id)
         await harness.assert_removed(vm, job_id)
         assert host.agent.times_confirmed() == {str(p): 1 for p in vm.paths()}
         assert not [p for p in vm.paths() if p.exists()]

@@ -8,7 +8,7 @@ been sent for deletion, none sent again after its host confirmed it, and the aud
 from pathlib import Path
 
 import pytest
-from process_helpers import SURVIVOR, fault_harness, wait_until
+from process_helpers import HOLDS_CALLS, SURVIVOR, fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -17,7 +17,7 @@ async def test_killed_while_a_host_call_is_held_the_next_process_finishes_the_jo
     server_url: str, tmp_path: Path
 ) -> None:
     async with fault_harness(server_url, tmp_path) as harness:
-        first = await harness.start_service()
+        first = await harness.start_service(**HOLDS_CALLS)
         http = await harness.client(first)
         quick, held = await harness.add_host(http), await harness.add_host(http)
         vm = await harness.add_vm(http, [quick, held])
@@ -37,7 +37,7 @@ async def test_killed_while_a_host_call_is_held_the_next_process_finishes_the_jo
         job = await harness.wait_for_job_state(job_id, "succeeded")
         assert job.attempts == 2 and job.orphan_files == 0
         assert await harness.job_host_states(job_id) == {quick.uuid: "deleted", held.uuid: "deleted"}
-        assert second.logged("job succeeded", job_id=job_id)
+        await second.wait_logged("job succeeded", job_id=job_id)
         await harness.assert_removed(vm, job_id)
         assert not [p for p in vm.paths() if p.exists()]
         # The quick host confirmed before the kill and was not called again; the held one was called again.
@@ -67,7 +67,7 @@ async def test_killed_inside_the_cleanup_transaction_the_next_process_commits_it
 
         job = await harness.wait_for_job_state(job_id, "succeeded")
         assert job.attempts == 2 and job.orphan_files == 0
-        assert second.logged("job succeeded", job_id=job_id)
+        await second.wait_logged("job succeeded", job_id=job_id)
         await harness.assert_removed(vm, job_id)
         assert not [p for p in vm.paths() if p.exists()]
         confirmed = await harness.rows("SELECT path FROM confirmed_deletions WHERE job_id = :j", j=job_id)

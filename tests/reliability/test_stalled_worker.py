@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from process_helpers import SURVIVOR, FaultHarness, SeededVm, fault_harness, wait_until
+from process_helpers import HOLDS_CALLS, SURVIVOR, FaultHarness, SeededVm, fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -28,7 +28,7 @@ async def snapshot(harness: FaultHarness, vm: SeededVm, job_id: str) -> dict[str
 
 async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(server_url: str, tmp_path: Path) -> None:
     async with fault_harness(server_url, tmp_path) as harness:
-        first = await harness.start_service()
+        first = await harness.start_service(**HOLDS_CALLS)
         http = await harness.client(first)
         held, failing = await harness.add_host(http), await harness.add_host(http)
         vm = await harness.add_vm(http, [held, failing])
@@ -49,7 +49,7 @@ async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(se
         job = await harness.wait_for_job_state(job_id, "succeeded")
         assert job.attempts == 2 and job.orphan_files == len(vm.files[failing.uuid])
         assert await harness.job_host_states(job_id) == {held.uuid: "deleted", failing.uuid: "failed"}
-        assert second.logged("job succeeded", job_id=job_id)
+        await second.wait_logged("job succeeded", job_id=job_id)
         before = await snapshot(harness, vm, job_id)
         retries_before = len(first.logged("orphan retry failed"))
 
@@ -100,7 +100,7 @@ async def test_a_process_stalled_inside_the_cleanup_transaction_loses_the_job_an
         second = await harness.start_service(**SURVIVOR)
         job = await harness.wait_for_job_state(job_id, "succeeded", timeout=120)
         assert job.attempts == 2
-        assert second.logged("job succeeded", job_id=job_id)
+        await second.wait_logged("job succeeded", job_id=job_id)
         before = await snapshot(harness, vm, job_id)
 
         first.send(signal.SIGCONT)
