@@ -24,7 +24,7 @@ import aiohttp
 import asyncpg
 
 from app.db import asyncpg_dsn
-from bench.cost import measure_job_costs
+from bench.cost import STEPS, measure_job_costs
 from bench.database import fresh_database, postgres_server
 from bench.fleet import agent_fleet
 from bench.load import LoadResult, client_session
@@ -34,7 +34,8 @@ from bench.seed import FileSpec, Seeder
 
 # Hosts of the throughput scenario; each VM has files on two of them.
 THROUGHPUT_HOSTS = 10
-COST_SIZES = [1, 1000]
+# The large VM of the cost figure: this many files, spread over the throughput hosts.
+COST_LARGE_FILES = 1000
 # What the issue asks of each figure.
 GOAL_FAN_OUT_RATIO = 1.3
 GOAL_LIMIT_RATIO = 0.25
@@ -58,7 +59,9 @@ def parse_args() -> argparse.Namespace:
         default=5000,
         help="removals between the two memory readings (default 5000; the documented figure uses 50000)",
     )
-    parser.add_argument("--workers", type=int, default=1, help="`serve --workers` of the service (default 1)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes of the service and of the baseline (default 1)"
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -160,11 +163,23 @@ async def run(args: argparse.Namespace) -> None:
 
         report()
         report("== 3. cost per job (Removal run in-process, statements counted by before_cursor_execute)")
-        for cost in await measure_job_costs(database_url, seeder, fast_hosts, COST_SIZES):
-            report(
-                f"VM with {cost.files} file(s) on {cost.hosts} host(s): cleanup transaction {cost.cleanup} statements "
-                f"(DELETE request {cost.request}, plan {cost.plan}, recording host outcomes {cost.host_calls})"
+        layouts = [
+            [FileSpec(fast_hosts[0], "TpmState")],
+            [FileSpec(fast_hosts[i % len(fast_hosts)], "TpmState") for i in range(COST_LARGE_FILES)],
+            *two_host_layouts(fast_hosts, 1),
+        ]
+        costs = await measure_job_costs(database_url, seeder, layouts)
+        for cost in costs:
+            steps = ", ".join(
+                f"{step} {cost.statements[step]}/{cost.transactions[step]}" for step in STEPS if step != "cleanup"
             )
+            report(
+                f"VM with {cost.files} file(s) on {cost.hosts} host(s): cleanup transaction "
+                f"{cost.statements['cleanup']} statements; other steps (statements/transactions): {steps}; "
+                f"{cost.round_trips} round trips in all, BEGIN and COMMIT included"
+            )
+        equal = costs[0].statements["cleanup"] == costs[1].statements["cleanup"]
+        report(f"cleanup statements equal for 1 and {COST_LARGE_FILES} files: {'yes' if equal else 'NO'}")
 
         fan_out_vms = await seeder.vms([[FileSpec(host, "TpmState") for host in slow_hosts]] * args.fanout_runs)
         warmup_vms = await seeder.vms(two_host_layouts(fast_hosts, args.warmup))
@@ -172,10 +187,16 @@ async def run(args: argparse.Namespace) -> None:
         http = await stack.enter_async_context(client_session(args.concurrency))
 
         report()
-        report("== 2a. baseline: bare FastAPI + SQLAlchemy/asyncpg endpoint, one INSERT and commit per request")
+        report(
+            "== 2a. baseline: bare FastAPI + SQLAlchemy/asyncpg endpoint, one INSERT and commit per request "
+            f"(uvicorn --workers {args.workers}, like the service)"
+        )
         port = free_port()
         async with running_server(
-            ["-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+            [
+                *("-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--workers", str(args.workers)),
+                *("--no-access-log", "--log-level", "warning"),
+            ],
             env=child_env(DATABASE_URL=database_url),
             port=port,
             ready_path="/openapi.json",

@@ -1,11 +1,11 @@
-"""Cost per job: how many SQL statements each step of a removal executes, for a small VM and a large one.
+"""Cost per job: how many SQL statements (and transactions) each step of a removal executes, per VM layout.
 
 Runs `app.removal.Removal` in this process, without HTTP, on an engine whose statements are counted by a
-`before_cursor_execute` listener, against agents of the benchmark's fleet.
+`before_cursor_execute` listener (and transactions by a `begin` listener), against agents of the fleet.
 """
 
-import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,45 +19,51 @@ from app.removal import LeaseClock, Removal, request_removal
 from bench.seed import FileSpec, Seeder
 
 _LEASE_SECONDS = 30.0
+STEPS = ("request", "claim", "plan", "host_calls", "cleanup")
 
 
 @dataclass(frozen=True)
 class JobCost:
-    """Statements one job executed, by step."""
+    """Statements and transactions of one job, by step (see STEPS)."""
 
     files: int
     hosts: int
-    request: int
-    plan: int
-    host_calls: int
-    cleanup: int
+    statements: Counter[str]
+    transactions: Counter[str]
+
+    @property
+    def round_trips(self) -> int:
+        """Statements plus a BEGIN and a COMMIT per transaction: what the job waits on the database for."""
+        return sum(self.statements.values()) + 2 * sum(self.transactions.values())
 
 
-async def measure_job_costs(
-    database_url: str, seeder: Seeder, host_uuids: list[uuid.UUID], sizes: list[int]
-) -> list[JobCost]:
-    """Run one removal per size (a VM with that many files, spread over `host_uuids`) and count its statements.
+async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence[Sequence[FileSpec]]) -> list[JobCost]:
+    """Remove one VM per layout, step by step, and count what each step executed.
 
     Must run while no service works on the database: the claim here takes whichever job is queued.
     """
     engine = create_engine(database_url)
-    counter: Counter[str] = Counter()
+    costs = []
     step = ""
+    statements: Counter[str] = Counter()
+    transactions: Counter[str] = Counter()
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
-    def count(*_args: Any) -> None:
-        counter[step] += 1
+    def count_statement(*_args: Any) -> None:
+        statements[step] += 1
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def count_transaction(*_args: Any) -> None:
+        transactions[step] += 1
 
     sessions = create_session_factory(engine)
-    costs = []
     async with aiohttp.ClientSession() as http:
         agent = AgentClient(http, timeout_seconds=10, concurrency=64)
         removal = Removal(sessions, agent, orphan_retry_seconds=30)
         try:
-            for size in sizes:
-                counter.clear()
-                layout = [FileSpec(host_uuids[i % len(host_uuids)], "TpmState") for i in range(size)]
+            for layout in layouts:
                 (vm_uuid,) = await seeder.vms([layout])
+                statements, transactions = Counter(), Counter()
                 step = "request"
                 async with sessions() as session, session.begin():
                     await request_removal(session, vm_uuid)
@@ -70,19 +76,9 @@ async def measure_job_costs(
                 step = "host_calls"
                 await removal.delete_on_hosts(claim, lease, plan)
                 step = "cleanup"
-                orphans = await removal.commit_cleanup(claim, lease)
-                if orphans:
+                if orphans := await removal.commit_cleanup(claim, lease):
                     raise RuntimeError(f"cost run left {orphans} orphan files: the agents did not confirm")
-                costs.append(
-                    JobCost(
-                        files=size,
-                        hosts=len(plan),
-                        request=counter["request"],
-                        plan=counter["plan"],
-                        host_calls=counter["host_calls"],
-                        cleanup=counter["cleanup"],
-                    )
-                )
+                costs.append(JobCost(len(layout), len(plan), statements, transactions))
         finally:
             await engine.dispose()
     return costs
