@@ -17,6 +17,8 @@ def assert_closed_cleanly(service: ServiceProcess) -> None:
     log = service.log_text()
     assert "Traceback" not in log, log
     assert not [r for r in service.log_records() if r["level"] in ("error", "critical")], log
+    # What aiohttp and SQLAlchemy say when a client session or a pooled connection was never closed.
+    assert "Unclosed" not in log and "garbage collector" not in log, log
     assert service.logged("Application shutdown complete.")
 
 
