@@ -95,25 +95,26 @@ class LeaseClock:
 # How long the first outcome of a batch waits for the job's other hosts before it is written without them.
 OUTCOME_LINGER_SECONDS = 0.02
 
-_MARK_PLANNED = text("UPDATE jobs SET planned = true WHERE id = :job_id AND NOT planned RETURNING id")
-
 
 def _as_sql(clause: ColumnElement[bool]) -> str:
     """A constant SQLAlchemy expression as PostgreSQL text, to share it with a hand-written statement."""
     return str(clause.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))  # type: ignore[no-untyped-call]
 
 
-# The plan selects with the same expression that `GET /vms/{uuid}/tpm` previews with.
-_PLAN_FILES = text(f"""
-INSERT INTO job_files (job_id, file_uuid, host_uuid, path, type)
-SELECT :job_id, host_files.uuid, host_files.host_uuid, host_files.path, host_files.type
-FROM host_files JOIN vms ON vms.uuid = host_files.vm_uuid
-WHERE host_files.vm_uuid = :vm_uuid AND ({_as_sql(removed_with_tpm())})
-""")
-
-_PLAN_HOSTS = text("""
+# The plan, once per job (a resumed job keeps its own), in one statement: mark the job planned, copy its files,
+# count them per host. It selects with the same expression that `GET /vms/{uuid}/tpm` previews with.
+_PLAN = text(f"""
+WITH marked AS (
+    UPDATE jobs SET planned = true WHERE id = :job_id AND NOT planned RETURNING id
+), planned_files AS (
+    INSERT INTO job_files (job_id, file_uuid, host_uuid, path, type)
+    SELECT :job_id, host_files.uuid, host_files.host_uuid, host_files.path, host_files.type
+    FROM host_files JOIN vms ON vms.uuid = host_files.vm_uuid
+    WHERE host_files.vm_uuid = :vm_uuid AND ({_as_sql(removed_with_tpm())}) AND EXISTS (SELECT FROM marked)
+    RETURNING host_uuid
+)
 INSERT INTO job_hosts (job_id, host_uuid, files)
-SELECT job_id, host_uuid, count(*) FROM job_files WHERE job_id = :job_id GROUP BY job_id, host_uuid
+SELECT :job_id, host_uuid, count(*) FROM planned_files GROUP BY host_uuid
 """)
 
 _PENDING_FILES = text("""
@@ -200,9 +201,7 @@ class Removal:
         async with self._sessions() as session, session.begin():
             await self._fenced(claim, lease, session)
             params = {"job_id": claim.job_id, "vm_uuid": claim.vm_uuid}
-            if (await session.execute(_MARK_PLANNED, params)).first() is not None:
-                await session.execute(_PLAN_FILES, params)
-                await session.execute(_PLAN_HOSTS, params)
+            await session.execute(_PLAN, params)
             rows = await session.execute(_PENDING_FILES, params)
             plans: dict[UUID, HostPlan] = {}
             for row in rows:
