@@ -87,6 +87,20 @@ _CHECKS = (
         """,
     ),
     _Check(
+        "recorded_file_deleted",
+        "violation",
+        "recorded files whose path on their host was confirmed deleted after they were recorded (a live file "
+        "was deleted, e.g. by the retry of an older orphan at the same path)",
+        f"""
+        SELECT h.uuid AS file_uuid, h.vm_uuid, h.host_uuid, h.path, c.file_uuid AS deleted_as,
+               count(*) OVER () AS total
+        FROM host_files h
+        JOIN confirmed_deletions c ON c.host_uuid = h.host_uuid AND c.path = h.path
+        WHERE c.confirmed_at > h.created_at AND {_ANY_VM.format(column="h.vm_uuid")}
+        ORDER BY h.uuid
+        """,
+    ),
+    _Check(
         "succeeded_job_tpm_remains",
         "violation",
         "succeeded removal jobs whose TPM still exists",
@@ -108,6 +122,17 @@ _CHECKS = (
         JOIN host_files h ON h.uuid = f.file_uuid
         WHERE j.state = 'succeeded' AND {_ANY_VM.format(column="j.vm_uuid")}
         ORDER BY j.created_at, j.id, h.uuid
+        """,
+    ),
+    _Check(
+        "orphans_behind_recorded_file",
+        "warning",
+        "orphans not retried because their path on their host is recorded again (retried once that record is gone)",
+        f"""
+        SELECT o.uuid AS file_uuid, o.vm_uuid, o.host_uuid, o.path, h.uuid AS recorded_as, count(*) OVER () AS total
+        FROM orphan_files o JOIN host_files h ON h.host_uuid = o.host_uuid AND h.path = o.path
+        WHERE {_ANY_VM.format(column="o.vm_uuid")}
+        ORDER BY o.uuid
         """,
     ),
     _Check(
