@@ -17,10 +17,16 @@ log = logging.getLogger(__name__)
 
 # The claim pushes next_attempt_at past the end of the agent call, so no replica takes the same orphans
 # while the call is in flight; a process that dies mid-call leaves them due again after that.
+# An orphan whose path on its host is recorded again (a new TPM of the VM writes its state where the old
+# one was) waits: deleting that path would delete the live file. It is retried once that record is gone.
 _CLAIM_DUE = text("""
 UPDATE orphan_files SET claim_token = :token, next_attempt_at = now() + :hold * interval '1 second'
 WHERE uuid IN (
     SELECT uuid FROM orphan_files WHERE next_attempt_at <= now()
+        AND NOT EXISTS (
+            SELECT 1 FROM host_files
+            WHERE host_files.host_uuid = orphan_files.host_uuid AND host_files.path = orphan_files.path
+        )
     ORDER BY next_attempt_at
     LIMIT :limit
     FOR UPDATE SKIP LOCKED

@@ -1,0 +1,62 @@
+"""An orphan whose path is recorded again (a new TPM of the VM writes its state where the old one was) is not
+retried while that record lives: retrying it would delete the new, live file. It is retried once the path's
+record is gone again."""
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import httpx
+from agent_helpers import running_recording_agent
+from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
+
+from app.audit import audit
+
+
+async def orphans_of(client: httpx.AsyncClient, host: str) -> list[dict[str, object]]:
+    """The host's orphan files."""
+    answer = await client.get("/orphan-files", params={"host_uuid": host})
+    assert answer.status_code == 200, answer.text
+    orphans: list[dict[str, object]] = answer.json()
+    return orphans
+
+
+async def test_an_orphan_is_not_retried_while_its_path_is_recorded_again(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    vm = await put_vm(client)
+    async with running_recording_agent(tmp_path, mode="http500") as (url, agent):
+        host = await put_host(client, url)
+        (state,) = make_files(tmp_path, vm, "tpm2-00.permall")
+        await add_file(client, vm, host, state)
+        assert (await remove_tpm(client, vm))["orphan_files"] == 1
+
+        # The VM gets a new TPM; its state file is written at the same path and recorded.
+        assert (await client.post(f"/vms/{vm}/tpm", json={"key_provider_uuid": None})).status_code == 201
+        state.write_bytes(b"the new TPM's state")
+        await add_file(client, vm, host, state)
+        calls_before = len(agent.calls)
+        agent.mode = "ok"
+        # Several retry intervals (ORPHAN_RETRY_SECONDS is 0.3 s in tests, at most 1 s with backoff).
+        await asyncio.sleep(3)
+
+        async with client.app.state.sessions() as session:  # type: ignore[attr-defined]
+            report = await audit(session, vm_uuids=[uuid.UUID(vm)])
+        assert report.ok, report.render()
+        assert [(c.name, c.count) for c in report.warnings] == [("orphans_behind_recorded_file", 1)]
+        assert state.read_bytes() == b"the new TPM's state"
+        assert len(agent.calls) == calls_before
+        assert len(await orphans_of(client, host)) == 1
+
+        # The new TPM is removed in its turn: its file is deleted, and the old orphan resolved with it.
+        assert (await remove_tpm(client, vm))["orphan_files"] == 0
+        for _ in range(100):
+            if not await orphans_of(client, host):
+                break
+            await asyncio.sleep(0.1)
+        assert await orphans_of(client, host) == []
+        assert not state.exists()
+        async with client.app.state.sessions() as session:  # type: ignore[attr-defined]
+            report = await audit(session, vm_uuids=[uuid.UUID(vm)])
+        assert report.ok, report.render()
+        assert report.ledger_files == 2
