@@ -211,7 +211,8 @@ async def audit(
     """Run every check, over the whole database or only the files and jobs of `vm_uuids`.
 
     Runs in one REPEATABLE READ transaction so that every check sees the same snapshot: a removal
-    committing between two checks cannot make a file look both gone and unaccounted for.
+    committing between two checks cannot make a file look both gone and unaccounted for. `session` must
+    not be in a transaction yet; the audit's own is rolled back at the end (it only reads).
     """
     await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     params: dict[str, Any] = {
