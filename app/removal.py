@@ -281,8 +281,8 @@ class _OutcomeRecorder:
 
     With hundreds of hosts answering within milliseconds of each other, one fenced transaction per host
     would queue on the job row's lock; batching keeps the job's run time close to its slowest host.
-    A write first lingers a moment for the job's other hosts, so that hosts answering at nearly the same time
-    (most jobs: a few hosts, all healthy) share one transaction instead of one each.
+    The first write lingers a moment for the job's other hosts, so that hosts answering at nearly the same time
+    (most jobs: a few hosts, all healthy) share one transaction instead of one each; later writes go at once.
     """
 
     def __init__(self, write: Callable[[list[tuple[UUID, HostDeleteResult]]], Awaitable[None]], *, hosts: int) -> None:
@@ -292,6 +292,7 @@ class _OutcomeRecorder:
         self._error: BaseException | None = None
         self._unanswered = hosts
         self._all_answered = asyncio.Event()
+        self._lingered = False
 
     async def record(self, host_uuid: UUID, result: HostDeleteResult) -> None:
         """Return once this outcome is durably written (by this call or by one before it)."""
@@ -304,8 +305,10 @@ class _OutcomeRecorder:
                 raise self._error
             if not self._pending:
                 return
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._all_answered.wait(), OUTCOME_LINGER_SECONDS)
+            if not self._lingered:
+                self._lingered = True
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._all_answered.wait(), OUTCOME_LINGER_SECONDS)
             batch, self._pending = self._pending, []
             try:
                 await self._write(batch)
