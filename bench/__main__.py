@@ -60,9 +60,6 @@ def parse_args() -> argparse.Namespace:
         help="removals between the two memory readings (default 5000; the documented figure uses 50000)",
     )
     parser.add_argument(
-        "--workers", type=int, default=1, help="worker processes of the service and of the baseline (default 1)"
-    )
-    parser.add_argument(
         "--profile",
         type=Path,
         help="record the service with py-spy during the throughput run into this file "
@@ -187,16 +184,10 @@ async def run(args: argparse.Namespace) -> None:
         http = await stack.enter_async_context(client_session(args.concurrency))
 
         report()
-        report(
-            "== 2a. baseline: bare FastAPI + SQLAlchemy/asyncpg endpoint, one INSERT and commit per request "
-            f"(uvicorn --workers {args.workers}, like the service)"
-        )
+        report("== 2a. baseline: bare FastAPI + SQLAlchemy/asyncpg endpoint, one INSERT and commit per request")
         port = free_port()
         async with running_server(
-            [
-                *("-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--workers", str(args.workers)),
-                *("--no-access-log", "--log-level", "warning"),
-            ],
+            ["-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--no-access-log", "--log-level", "warning"],
             env=child_env(DATABASE_URL=database_url),
             port=port,
             ready_path="/openapi.json",
@@ -211,8 +202,6 @@ async def run(args: argparse.Namespace) -> None:
 
         port = free_port()
         serve_args = ["-m", "app", "serve", "--port", str(port)]
-        if args.workers > 1:
-            serve_args += ["--workers", str(args.workers)]
         # The default AGENT_CONCURRENCY (64) would send a 200-host fan-out in waves of 64.
         settings = {"AGENT_CONCURRENCY": str(max(256, args.fanout_hosts))}
         log_path = Path(tempfile.gettempdir()) / f"vtpm-bench-service-{os.getpid()}.log"
@@ -237,11 +226,11 @@ async def run(args: argparse.Namespace) -> None:
             f"== 1. fan-out: one VM, one file on each of {args.fanout_hosts} hosts answering after "
             f"{args.fanout_delay * 1000:.0f} ms"
         )
-        runs: list[FanOutRun] = [await fan_out_run(http, service.base_url, vm) for vm in fan_out_vms]
+        runs: list[FanOutRun] = [await fan_out_run(http, database, service.base_url, vm) for vm in fan_out_vms]
         for number, fan_out in enumerate(runs, 1):
             report(
                 f"run {number}: job ran {fan_out.run_seconds * 1000:.0f} ms (finished_at - started_at) on "
-                f"{fan_out.hosts} hosts, caller waited {fan_out.caller_seconds * 1000:.0f} ms from DELETE"
+                f"{fan_out.hosts} hosts; {fan_out.caller_seconds * 1000:.0f} ms from DELETE sent to job seen ended"
             )
         ratio = statistics.median(r.run_seconds for r in runs) / args.fanout_delay
         report(f"fan-out ratio (median run / one host's delay): {ratio:.2f} (goal <= {GOAL_FAN_OUT_RATIO})")
