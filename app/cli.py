@@ -1,6 +1,7 @@
 """The command line: serve the API, apply migrations, run the shipped host agent."""
 
 import asyncio
+import gc
 import logging
 import signal
 from contextlib import suppress
@@ -39,6 +40,7 @@ def serve(
     from app.main import create_app
 
     app = create_app(settings, database_url=database_url)
+    _tune_garbage_collector()
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler that was
     # there before it; with the default one the process would die by the signal (exit -15) after a
     # clean stop, which supervisors count as a crash. Stopping on request is a success: exit 0.
@@ -61,6 +63,16 @@ class _Server(uvicorn.Server):
         with suppress(RuntimeError):
             asyncio.get_running_loop().call_soon_threadsafe(begin_shutdown, self._app)
         super().handle_exit(sig, frame)
+
+
+def _tune_garbage_collector() -> None:
+    """Collect young objects far less often, and never scan what start-up loaded.
+
+    With the default thresholds the serve process spent 0.6 ms of CPU per removal (13% of it) in the
+    collector in the benchmark; with these, 0.03 ms, and its memory stays flat (docs/BENCHMARK.md).
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
