@@ -35,7 +35,7 @@ class ServerProcess:
 
     @property
     def pid(self) -> int:
-        """The process id of the server (the uvicorn supervisor when it runs workers)."""
+        """The process id of the server."""
         return self.process.pid
 
     def cpu_seconds(self) -> float:
@@ -43,7 +43,7 @@ class ServerProcess:
         return sum(_cpu_seconds(pid) for pid in _process_tree(self.process.pid))
 
     def rss_bytes(self) -> int:
-        """Resident memory of the server and every process under it (its workers), from /proc."""
+        """Resident memory of the server and every process under it, from /proc."""
         return sum(_rss_bytes(pid) for pid in _process_tree(self.process.pid))
 
 
