@@ -3,13 +3,13 @@
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
-from sqlalchemy import Boolean, ColumnElement, exists, literal_column, or_, select, type_coerce
+from sqlalchemy import Boolean, ColumnElement, exists, func, literal_column, or_, select, type_coerce
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import ConflictError, NotFoundError
-from app.models import ACTIVE_JOB_STATES, FileLedger, Host, HostFile, Job, Tpm, TpmKeyBinding, Vm
+from app.models import ACTIVE_JOB_STATES, FileLedger, Host, HostFile, Job, OrphanFile, Tpm, TpmKeyBinding, Vm
 from app.pagination import Page, cursor_uuid, decode_cursor, page_of
 from app.schemas import HostFileIn, HostIn, TpmIn, VmIn
 
@@ -119,6 +119,22 @@ async def add_host_file(session: AsyncSession, vm_uuid: UUID, body: HostFileIn) 
     """Record a file a VM keeps on a host, and enter it in the ledger of every file ever recorded."""
     await get_vm(session, vm_uuid)
     await get_host(session, body.host_uuid)
+    # The row lock keeps the orphan reaper (SKIP LOCKED) from claiming an orphan at this path until the new
+    # record is committed, after which it leaves the path alone; a retry already in flight must end first.
+    retry_in_flight = await session.scalar(
+        select(OrphanFile.uuid)
+        .where(
+            OrphanFile.host_uuid == body.host_uuid,
+            OrphanFile.path == body.path,
+            OrphanFile.claim_token.is_not(None),
+            OrphanFile.next_attempt_at > func.now(),
+        )
+        .with_for_update()
+    )
+    if retry_in_flight is not None:
+        raise ConflictError(
+            f"a deletion of {body.path} on host {body.host_uuid} is being retried right now; try again shortly"
+        )
     host_file = HostFile(
         uuid=uuid4(),
         vm_uuid=vm_uuid,

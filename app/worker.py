@@ -48,6 +48,7 @@ class Worker:
         self._max_failures = max_failures
         self._running: dict[UUID, tuple[JobClaim, LeaseClock, asyncio.Task[None]]] = {}
         self._slot_freed = asyncio.Event()
+        self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -60,7 +61,8 @@ class Worker:
         ]
 
     def stop_claiming(self) -> None:
-        """Take no new job from now on (the process was asked to stop); running jobs go on."""
+        """Take no new job and no new orphan from now on (the process was asked to stop); running work goes on."""
+        self._stopping = True
         if self._loops:
             self._loops[0].cancel()
 
@@ -175,7 +177,8 @@ class Worker:
                     log.warning("job lease taken over; job stopped", extra=_job_fields(claim))
 
     async def _reap_loop(self) -> None:
-        while True:
+        # A stopping process claims no more orphans: ones cut off at the end would wait out their claim hold.
+        while not self._stopping:
             try:
                 tried = await self._reaper.retry_due()
             except Exception as error:

@@ -60,3 +60,35 @@ async def test_an_orphan_is_not_retried_while_its_path_is_recorded_again(
             report = await audit(session, vm_uuids=[uuid.UUID(vm)])
         assert report.ok, report.render()
         assert report.ledger_files == 2
+
+
+async def test_a_path_cannot_be_recorded_while_its_orphan_retry_is_in_flight(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    vm = await put_vm(client)
+    async with running_recording_agent(tmp_path, mode="http500") as (url, agent):
+        host = await put_host(client, url)
+        (state,) = make_files(tmp_path, vm, "tpm2-00.permall")
+        await add_file(client, vm, host, state)
+        assert (await remove_tpm(client, vm))["orphan_files"] == 1
+
+        # The next retry is held open on the host: the path is being deleted right now.
+        agent.mode = "ok"
+        agent.hold.clear()
+        calls_before = len(agent.calls)
+        for _ in range(100):
+            if len(agent.calls) > calls_before:
+                break
+            await asyncio.sleep(0.1)
+        body = {"host_uuid": host, "path": str(state), "type": "TpmState", "backup": False}
+        refused = await client.post(f"/vms/{vm}/host-files", json=body)
+        assert refused.status_code == 409, refused.text
+        assert "being retried" in refused.json()["detail"]
+
+        # Once the host confirmed, the path is free again.
+        agent.hold.set()
+        for _ in range(100):
+            if not await orphans_of(client, host):
+                break
+            await asyncio.sleep(0.1)
+        assert (await client.post(f"/vms/{vm}/host-files", json=body)).status_code == 201

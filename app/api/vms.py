@@ -42,7 +42,8 @@ async def get_vm(vm_uuid: UUID, session: SessionDep) -> VmOut:
     summary="Record a file the VM keeps on a host",
     description=(
         "TPM state or NVRAM, original or backup (`backup: true`). 404 when the VM or host is unknown; "
-        "409 when that host already has a file recorded at that path."
+        "409 when that host already has a file recorded at that path, or while an orphan file at that path "
+        "is being retried on the host (try again shortly)."
     ),
     responses=problem_responses(400, 404, 409, 413, 422),
 )
