@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
     parser.add_argument("--fanout-hosts", type=int, default=200, help="hosts of the fan-out VM (default 200)")
     parser.add_argument("--fanout-delay", type=float, default=0.1, help="answer delay of those agents, seconds")
-    parser.add_argument("--fanout-runs", type=int, default=3, help="fan-out removals, one after another")
+    parser.add_argument("--fanout-runs", type=int, default=7, help="fan-out removals, one after another (default 7)")
     parser.add_argument(
         "--memory-removals",
         type=int,
