@@ -25,11 +25,12 @@ import aiohttp
 import asyncpg
 
 from app.db import asyncpg_dsn
+from app.local_stack import free_port
 from bench.cost import STEPS, measure_job_costs
 from bench.database import fresh_database, postgres_server
 from bench.fleet import agent_fleet
 from bench.load import LoadResult, client_session
-from bench.processes import ServerProcess, child_env, free_port, running_server
+from bench.processes import ServerProcess, child_env, running_server
 from bench.scenarios import FanOutRun, baseline_run, fan_out_run, removal_run, two_host_layouts
 from bench.seed import FileSpec, Seeder
 

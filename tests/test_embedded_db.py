@@ -8,7 +8,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pg_helpers import is_running, server_processes, stop_postgres
 
 from app.db import asyncpg_dsn
 from app.embedded_db import start_embedded_postgres
+from app.local_stack import free_port
 from app.models import Base
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,14 +52,6 @@ def service_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "API_TOKEN", "DATA_DIR"}}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return {**env, **settings}
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextmanager

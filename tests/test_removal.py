@@ -1,7 +1,6 @@
 """The removal job end to end: real agents deleting real files, the database cleaned in one transaction."""
 
 import asyncio
-import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,8 @@ import pytest
 from agent_helpers import running_agent, running_recording_agent
 from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
 from sqlalchemy import text
+
+from app.local_stack import free_port
 
 
 async def db_rows(client: httpx.AsyncClient, sql: str, **params: Any) -> list[Any]:
@@ -71,10 +72,7 @@ async def test_secure_boot_keeps_nvram_files(client: httpx.AsyncClient, tmp_path
 
 def closed_port_url() -> str:
     """The URL of a loopback port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.mark.parametrize(

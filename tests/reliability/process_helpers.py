@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.audit import AuditReport, audit
 from app.db import create_engine, create_session_factory
+from app.local_stack import free_port
 from app.migrate import upgrade
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,14 +75,6 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g} s: {what}")
         await asyncio.sleep(interval)
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class ServiceProcess:
