@@ -2,10 +2,11 @@
 
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,18 @@ async def create_database(server_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_url() -> str:
-    """The PostgreSQL server the tests use: TEST_DATABASE_URL's, or an embedded one in a temporary folder."""
+def server_url() -> Iterator[str]:
+    """The PostgreSQL server the tests use: TEST_DATABASE_URL's, or an embedded one in a temporary folder
+    that is stopped and deleted when the session ends."""
     if os.environ.get("TEST_DATABASE_URL"):
-        return os.environ["TEST_DATABASE_URL"]
-    return start_embedded_postgres(Path(tempfile.mkdtemp(prefix="vtpm-test-pg-")))
+        yield os.environ["TEST_DATABASE_URL"]
+        return
+    data_dir = Path(tempfile.mkdtemp(prefix="vtpm-test-pg-"))
+    yield start_embedded_postgres(data_dir)
+    from pg_helpers import stop_postgres  # it imports this module: only once both are loaded
+
+    stop_postgres(data_dir / "pgdata")
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
