@@ -21,15 +21,21 @@ async def orphans_of(client: httpx.AsyncClient, host: str) -> list[dict[str, obj
     return orphans
 
 
+async def orphan_a_state_file(client: httpx.AsyncClient, root: Path, agent_url: str) -> tuple[str, str, Path]:
+    """A VM whose TPM removal left its one state file an orphan (the agent fails); VM, host and file path."""
+    vm = await put_vm(client)
+    host = await put_host(client, agent_url)
+    (state,) = make_files(root, vm, "tpm2-00.permall")
+    await add_file(client, vm, host, state)
+    assert (await remove_tpm(client, vm))["orphan_files"] == 1
+    return vm, host, state
+
+
 async def test_an_orphan_is_not_retried_while_its_path_is_recorded_again(
     client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    vm = await put_vm(client)
     async with running_recording_agent(tmp_path, mode="http500") as (url, agent):
-        host = await put_host(client, url)
-        (state,) = make_files(tmp_path, vm, "tpm2-00.permall")
-        await add_file(client, vm, host, state)
-        assert (await remove_tpm(client, vm))["orphan_files"] == 1
+        vm, host, state = await orphan_a_state_file(client, tmp_path, url)
 
         # The VM gets a new TPM; its state file is written at the same path and recorded.
         assert (await client.post(f"/vms/{vm}/tpm", json={"key_provider_uuid": None})).status_code == 201
@@ -65,12 +71,8 @@ async def test_an_orphan_is_not_retried_while_its_path_is_recorded_again(
 async def test_a_path_cannot_be_recorded_while_its_orphan_retry_is_in_flight(
     client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    vm = await put_vm(client)
     async with running_recording_agent(tmp_path, mode="http500") as (url, agent):
-        host = await put_host(client, url)
-        (state,) = make_files(tmp_path, vm, "tpm2-00.permall")
-        await add_file(client, vm, host, state)
-        assert (await remove_tpm(client, vm))["orphan_files"] == 1
+        vm, host, state = await orphan_a_state_file(client, tmp_path, url)
 
         # The next retry is held open on the host: the path is being deleted right now.
         agent.mode = "ok"
