@@ -1,8 +1,6 @@
 """The database engine and session factory, and how a settings object becomes a database URL."""
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -77,13 +75,6 @@ def _replace_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions whose objects stay readable after commit, as the API answers from them."""
     return async_sessionmaker(engine, expire_on_commit=False)
-
-
-@asynccontextmanager
-async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """A session in one transaction: committed when the block ends, rolled back when it raises."""
-    async with factory() as session, session.begin():
-        yield session
 
 
 def is_database_unavailable(error: BaseException) -> bool:
