@@ -78,6 +78,10 @@ class JobClaim:
     token: UUID
     attempt: int
 
+    def log_fields(self) -> dict[str, str]:
+        """The fields every log line about this job carries."""
+        return {"job_id": str(self.job_id), "vm_uuid": str(self.vm_uuid)}
+
 
 async def claim_jobs(session: AsyncSession, *, limit: int, lease_seconds: float) -> list[JobClaim]:
     """Claim up to `limit` jobs that are queued, or running under a lease that ran out."""

@@ -223,8 +223,7 @@ class Removal:
                 log.warning(
                     "host delete failed; its files become orphans",
                     extra={
-                        "job_id": str(claim.job_id),
-                        "vm_uuid": str(claim.vm_uuid),
+                        **claim.log_fields(),
                         "host_uuid": str(host.host_uuid),
                         "reason": result.error,
                         "files": len(host.files),

@@ -85,10 +85,10 @@ class Worker:
             try:
                 async with self._sessions() as session, session.begin():
                     await release_job(session, claim)
-                log.info("job handed back at shutdown", extra=_job_fields(claim))
+                log.info("job handed back at shutdown", extra=claim.log_fields())
             except Exception as error:
                 # Its lease runs out and another process takes it up: later, but nothing is lost.
-                log.warning("could not hand job back", extra={**_job_fields(claim), "reason": repr(error)})
+                log.warning("could not hand job back", extra={**claim.log_fields(), "reason": repr(error)})
 
     @property
     def running_jobs(self) -> int:
@@ -120,15 +120,15 @@ class Worker:
         lease = LeaseClock(self._lease_seconds)
         task = asyncio.create_task(self._run_job(claim, lease), name=f"job {claim.job_id}")
         self._running[claim.job_id] = (claim, lease, task)
-        log.info("job claimed", extra={**_job_fields(claim), "attempt": claim.attempt})
+        log.info("job claimed", extra={**claim.log_fields(), "attempt": claim.attempt})
 
     async def _run_job(self, claim: JobClaim, lease: LeaseClock) -> None:
         try:
             orphans = await self._removal.run(claim, lease)
             JOBS_TOTAL.labels(state="succeeded").inc()
-            log.info("job succeeded", extra={**_job_fields(claim), "orphan_files": orphans})
+            log.info("job succeeded", extra={**claim.log_fields(), "orphan_files": orphans})
         except LeaseLostError:
-            log.warning("job lease lost; another process owns it now, stopping", extra=_job_fields(claim))
+            log.warning("job lease lost; another process owns it now, stopping", extra=claim.log_fields())
         except Exception as error:
             await self._job_failed(claim, error)
         finally:
@@ -138,9 +138,9 @@ class Worker:
     async def _job_failed(self, claim: JobClaim, error: Exception) -> None:
         if is_database_unavailable(error):
             # An outage is no reason to fail a job: its lease runs out and it is taken up again.
-            log.warning("job interrupted: database unavailable", extra={**_job_fields(claim), "reason": repr(error)})
+            log.warning("job interrupted: database unavailable", extra={**claim.log_fields(), "reason": repr(error)})
             return
-        log.exception("job step failed", extra=_job_fields(claim))
+        log.exception("job step failed", extra=claim.log_fields())
         try:
             async with self._sessions() as session, session.begin():
                 state = await record_job_failure(
@@ -174,7 +174,7 @@ class Worker:
                 elif not task.done():
                     lease.lose()
                     task.cancel()
-                    log.warning("job lease taken over; job stopped", extra=_job_fields(claim))
+                    log.warning("job lease taken over; job stopped", extra=claim.log_fields())
 
     async def _reap_loop(self) -> None:
         # A stopping process claims no more orphans: ones cut off at the end would wait out their claim hold.
@@ -195,10 +195,6 @@ class Worker:
             except Exception as error:
                 _log_loop_error("refresh gauges", error)
             await asyncio.sleep(_GAUGE_REFRESH_SECONDS)
-
-
-def _job_fields(claim: JobClaim) -> dict[str, str]:
-    return {"job_id": str(claim.job_id), "vm_uuid": str(claim.vm_uuid)}
 
 
 def _log_loop_error(what: str, error: Exception) -> None:
