@@ -5,8 +5,8 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import psutil
@@ -48,6 +48,16 @@ def start_postgres(pgdata: Path) -> None:
     # pgserver listens on a unix socket only, in a folder it derives from pgdata alone: the same one again.
     socket_dir = find_suitable_socket_dir(pgdata, PostgresServer.runtime_path)
     _pg_ctl(pgdata, "-o", f'-h "" -k {socket_dir}', "-l", str(pgdata / "log"), "start")
+
+
+@asynccontextmanager
+async def postgres_stopped(pgdata: Path) -> AsyncIterator[None]:
+    """The server of `pgdata` stopped for the block, and started again however the block ends."""
+    await asyncio.to_thread(stop_postgres, pgdata)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(start_postgres, pgdata)
 
 
 def server_processes(pgdata: Path) -> list[psutil.Process]:

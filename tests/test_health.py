@@ -13,10 +13,9 @@ from inventory_helpers import put_host, put_vm
 from pg_helpers import (
     create_migrated_database,
     pause_postgres,
+    postgres_stopped,
     resume_postgres,
     separate_postgres,
-    start_postgres,
-    stop_postgres,
 )
 from problem_helpers import assert_problem
 
@@ -89,15 +88,12 @@ class TestDatabaseOutage:
         client = await make_client()
         _, pgdata = own_server
         assert (await client.get("/readyz")).status_code == 200
-        await asyncio.to_thread(stop_postgres, pgdata)
-        try:
+        async with postgres_stopped(pgdata):
             for _ in range(3):
                 answer = await timed_get(client, "/readyz")
                 assert_problem(answer, 503)
                 assert answer.headers["retry-after"].isdigit()
                 assert (await timed_get(client, "/healthz")).status_code == 200
-        finally:
-            await asyncio.to_thread(start_postgres, pgdata)
         await wait_until_ready(client)
 
     async def test_calls_that_need_the_database_are_503_with_retry_after_then_work_again(
@@ -107,8 +103,7 @@ class TestDatabaseOutage:
         _, pgdata = own_server
         host_uuid = await put_host(client, "http://127.0.0.1:8100")
         vm_uuid = await put_vm(client)
-        await asyncio.to_thread(stop_postgres, pgdata)
-        try:
+        async with postgres_stopped(pgdata):
             calls = [
                 ("GET", f"/vms/{vm_uuid}", None),
                 ("GET", f"/vms/{vm_uuid}/tpm", None),
@@ -124,8 +119,6 @@ class TestDatabaseOutage:
                 assert time.monotonic() - started < OUTAGE_ANSWER_SECONDS, f"{method} {url} took too long"
                 assert_problem(answer, 503)
                 assert int(answer.headers["retry-after"]) > 0
-        finally:
-            await asyncio.to_thread(start_postgres, pgdata)
         await wait_until_ready(client)
 
         assert (await client.get(f"/vms/{vm_uuid}")).status_code == 200
