@@ -308,4 +308,5 @@ def main() -> None:
         uvloop.run(run(args))
 
 
-main()
+if __name__ == "__main__":
+    main()
