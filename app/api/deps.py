@@ -18,8 +18,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def get_settings(request: Request) -> Settings:
-    """The app's settings."""
+async def get_settings(request: Request) -> Settings:
+    """The app's settings (async only so that FastAPI calls it in the loop, not in its thread pool)."""
     settings: Settings = request.app.state.settings
     return settings
 

@@ -21,18 +21,12 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 MAX_WAIT_SECONDS = 60
 
 
-def job_etag(job: JobOut) -> str:
-    """A strong ETag of everything in the job's body: any visible change gives a new one."""
-    return '"' + hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:32] + '"'
-
-
 def job_response(job: JobOut, *, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """The job as JSON with its ETag."""
+    """The job as JSON with its ETag, a strong one: a hash of the body, so any visible change gives a new one."""
+    body = job.model_dump_json()
+    etag = '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
     return Response(
-        job.model_dump_json(),
-        status_code=status_code,
-        media_type="application/json",
-        headers={**(headers or {}), "ETag": job_etag(job)},
+        body, status_code=status_code, media_type="application/json", headers={**(headers or {}), "ETag": etag}
     )
 
 
@@ -74,9 +68,10 @@ async def get_job(
             changed.clear()
             async with session.begin():
                 job = await jobs.get_job(session, job_id)
-            etag = job_etag(job)
+            response = job_response(job)
+            etag = response.headers["ETag"]
             if not _matches(if_none_match, etag):
-                return job_response(job)
+                return response
             remaining = deadline - time.monotonic()
             # A stopping process ends its long-polls at once; the caller polls again, on another replica.
             if remaining <= 0 or stopping.is_set():
