@@ -1,6 +1,8 @@
 """The database engine and session factory, and how a settings object becomes a database URL."""
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -47,7 +49,9 @@ def create_engine(
     engine = create_async_engine(
         database_url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        # A fixed pool: under load, overflow connections were opened and closed again by the hundred per
+        # second, each a new server process whose statements are prepared anew (docs/BENCHMARK.md).
+        max_overflow=0,
         pool_timeout=CONNECT_TIMEOUT_SECONDS,
         pool_recycle=1800,
         connect_args={
@@ -75,6 +79,20 @@ def _replace_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions whose objects stay readable after commit, as the API answers from them."""
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# Execution options under which every statement commits on its own, without BEGIN and COMMIT round trips. Only for
+# work whose statements are each atomic by themselves (a data-modifying CTE is one statement): a transaction of one
+# statement costs three round trips, this one (see docs/BENCHMARK.md).
+AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
+
+
+@asynccontextmanager
+async def autocommit_session(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A new session whose statements commit one by one (see AUTOCOMMIT)."""
+    async with sessions() as session:
+        await session.connection(execution_options=AUTOCOMMIT)
+        yield session
 
 
 def is_database_unavailable(error: BaseException) -> bool:

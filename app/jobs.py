@@ -1,9 +1,11 @@
 """The job table as a queue: claim with SKIP LOCKED, leases, fencing tokens, and reading jobs back.
 
-Every write a worker makes for a job it claimed starts with `fence`, which renews the lease *and* locks the
-job row only if the worker's token is still the job's. A worker whose lease was taken over (it stalled, it
-was cut off) finds no row there and stops before writing anything else, so it can never finish a job a
-second time or overwrite the outcome another worker recorded.
+Every write a worker makes for a job it claimed is fenced: one statement whose first part updates the job
+row only while the worker's token is still the job's (`FENCED` below), renewing the lease and locking the row,
+and whose every other change is made only if that part matched. A worker whose lease was taken over (it
+stalled, it was cut off) matches no row and changes nothing, so it can never finish a job a second time or
+overwrite the outcome another worker recorded. Being one statement, a fenced write needs no transaction of
+its own around it: the job's writes run one round trip each (see app/removal.py and docs/BENCHMARK.md).
 """
 
 from dataclasses import dataclass
@@ -12,16 +14,21 @@ from uuid import UUID
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.errors import LeaseLostError, NotFoundError
+from app.errors import NotFoundError
 from app.models import Job, JobHost
 from app.pagination import Page, cursor_uuid, decode_cursor, page_of
 from app.schemas import JobHostOut, JobOut
 
-_CLAIM = text("""
+# The condition of every fenced write on the jobs table: the job is running under this claim's token.
+FENCED = "jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running'"
+# What a fenced write that goes on with the job sets: the lease, renewed from now.
+RENEWED_LEASE = "lease_expires_at = now() + :lease * interval '1 second'"
+
+_CLAIM = text(f"""
 UPDATE jobs SET
     state = 'running',
     lease_token = gen_random_uuid(),
-    lease_expires_at = now() + :lease * interval '1 second',
+    {RENEWED_LEASE},
     started_at = coalesce(started_at, now()),
     attempts = attempts + 1
 WHERE id IN (
@@ -35,26 +42,20 @@ WHERE id IN (
 RETURNING id, vm_uuid, tpm_uuid, lease_token, attempts
 """)
 
-_FENCE = text("""
-UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second'
-WHERE id = :job_id AND lease_token = :token AND state = 'running'
-RETURNING id
-""")
-
-_RENEW = text("""
-UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second'
+_RENEW = text(f"""
+UPDATE jobs SET {RENEWED_LEASE}
 FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[])) AS held(id, token)
 WHERE jobs.id = held.id AND jobs.lease_token = held.token AND jobs.state = 'running'
 RETURNING jobs.id
 """)
 
-_RELEASE = text("""
+_RELEASE = text(f"""
 UPDATE jobs SET state = 'queued', lease_token = NULL, lease_expires_at = NULL
-WHERE id = :job_id AND lease_token = :token AND state = 'running'
+WHERE {FENCED}
 """)
 
 # A failed cleanup is retried after a backoff; after max_failures failures the job is failed for good.
-_RECORD_FAILURE = text("""
+_RECORD_FAILURE = text(f"""
 UPDATE jobs SET
     failures = failures + 1,
     error = :error,
@@ -63,7 +64,7 @@ UPDATE jobs SET
     run_after = now() + least(60, power(2, failures)) * interval '1 second',
     lease_token = NULL,
     lease_expires_at = NULL
-WHERE id = :job_id AND lease_token = :token AND state = 'running'
+WHERE {FENCED}
 RETURNING state
 """)
 
@@ -78,6 +79,10 @@ class JobClaim:
     token: UUID
     attempt: int
 
+    def fence_params(self, lease_seconds: float) -> dict[str, object]:
+        """The parameters of a fenced write (`FENCED`, `RENEWED_LEASE`) for this claim."""
+        return {"job_id": self.job_id, "token": self.token, "lease": lease_seconds}
+
     def log_fields(self) -> dict[str, str]:
         """The fields every log line about this job carries."""
         return {"job_id": str(self.job_id), "vm_uuid": str(self.vm_uuid)}
@@ -87,13 +92,6 @@ async def claim_jobs(session: AsyncSession, *, limit: int, lease_seconds: float)
     """Claim up to `limit` jobs that are queued, or running under a lease that ran out."""
     rows = await session.execute(_CLAIM, {"limit": limit, "lease": lease_seconds})
     return [JobClaim(r.id, r.vm_uuid, r.tpm_uuid, r.lease_token, r.attempts) for r in rows]
-
-
-async def fence(session: AsyncSession, claim: JobClaim, *, lease_seconds: float) -> None:
-    """Renew the claim's lease and lock the job row for this transaction, or raise LeaseLostError."""
-    row = await session.execute(_FENCE, {"job_id": claim.job_id, "token": claim.token, "lease": lease_seconds})
-    if row.first() is None:
-        raise LeaseLostError(f"job {claim.job_id}: lease was taken over")
 
 
 async def renew_leases(session: AsyncSession, claims: list[JobClaim], *, lease_seconds: float) -> set[UUID]:

@@ -41,13 +41,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     database_url = app.state.database_url or resolve_database_url(settings)
     if settings.api_token is None:
         log.warning("API_TOKEN is not set: the API accepts every caller")
-    engine = create_engine(
-        database_url,
-        pool_size=settings.db_pool_size,
-        command_timeout=COMMAND_TIMEOUT_SECONDS,
-        idle_transaction_timeout=max(settings.job_lease_seconds, STALLED_TRANSACTION_MIN_SECONDS),
+    # Two pools of DB_POOL_SIZE each: the API's and the worker's, so that a flood of requests cannot leave
+    # running jobs waiting for a connection (and, past the pool timeout, for their lease to run out).
+    engine, worker_engine = (
+        create_engine(
+            database_url,
+            pool_size=settings.db_pool_size,
+            command_timeout=COMMAND_TIMEOUT_SECONDS,
+            idle_transaction_timeout=max(settings.job_lease_seconds, STALLED_TRANSACTION_MIN_SECONDS),
+        )
+        for _ in range(2)
     )
-    sessions = create_session_factory(engine)
+    sessions, worker_sessions = create_session_factory(engine), create_session_factory(worker_engine)
     http = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=settings.agent_concurrency, limit_per_host=0),
         # Agent calls are bounded by AgentClient; the session's own 5-minute default must not cut in first.
@@ -62,10 +67,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     notifications = Notifications(asyncpg_dsn(database_url))
     listener = asyncio.create_task(notifications.run(), name="listen")
     worker = Worker(
-        sessions,
-        Removal(sessions, agent, orphan_retry_seconds=settings.orphan_retry_seconds),
+        worker_sessions,
+        Removal(worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds),
         OrphanReaper(
-            sessions,
+            worker_sessions,
             agent,
             retry_seconds=settings.orphan_retry_seconds,
             retry_max_seconds=settings.orphan_retry_max_seconds,
@@ -97,6 +102,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await listener
         await http.close()
         await engine.dispose()
+        await worker_engine.dispose()
 
 
 def create_app(

@@ -32,8 +32,13 @@ HOST_STATES = ("pending", "deleted", "failed")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
-    """A CHECK expression that keeps a text column to a fixed set of values."""
+    """A SQL expression: the text column holds one of these values (for CHECKs and index predicates)."""
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+# The predicate of the partial unique index of active jobs, as literal SQL: an ON CONFLICT clause names the
+# index by repeating it, and PostgreSQL matches it only when the values are constants, not parameters.
+ACTIVE_JOB = text(_in("state", ACTIVE_JOB_STATES))
 
 
 class Base(DeclarativeBase):
@@ -143,7 +148,7 @@ class Job(Base):
             "uq_jobs_one_active_per_vm",
             "vm_uuid",
             unique=True,
-            postgresql_where=text("state IN ('queued', 'running')"),
+            postgresql_where=ACTIVE_JOB,
         ),
         Index("ix_jobs_vm_uuid_created_at", "vm_uuid", "created_at"),
         Index("ix_jobs_created_at", "created_at"),

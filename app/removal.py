@@ -10,51 +10,74 @@ its deletion is unconfirmed. Every write is fenced by the job's lease token (see
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import ColumnElement, select, text
+from sqlalchemy import ColumnElement, Row, TextClause, select, text
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app.agent_client import AgentClient, FileToDelete, HostDeleteResult
-from app.errors import LeaseLostError, NotFoundError
-from app.inventory import get_vm, removed_with_tpm
-from app.jobs import JobClaim, fence, get_job, job_out
-from app.models import ACTIVE_JOB_STATES, Job, Tpm
+from app.db import AUTOCOMMIT
+from app.errors import ConflictError, LeaseLostError, NotFoundError
+from app.inventory import removed_with_tpm
+from app.jobs import FENCED, RENEWED_LEASE, JobClaim, get_job, job_out
+from app.models import ACTIVE_JOB, ACTIVE_JOB_STATES, Job, Tpm, Vm
 from app.schemas import JobOut
 
 log = logging.getLogger(__name__)
 
 
+# A removal's request attempts: each further one follows a change of the VM's state between two statements.
+_REQUEST_ATTEMPTS = 3
+
+
+# The job of a removal, inserted only while the VM has a TPM and no removal under way. The TPM row is locked, so
+# that a TPM being deleted by a finishing removal yields no job rather than one for a TPM that is gone; the
+# partial unique index of active jobs (named by its predicate, ACTIVE_JOB) turns a removal already queued into no
+# row too. One constant statement: it is the whole of the common DELETE, so nothing is built per request.
+_QUEUE_REMOVAL = select(Job).from_statement(
+    text(f"""
+INSERT INTO jobs (id, vm_uuid, tpm_uuid)
+SELECT :job_id, tpms.vm_uuid, tpms.uuid FROM tpms WHERE tpms.vm_uuid = :vm_uuid FOR UPDATE
+ON CONFLICT (vm_uuid) WHERE {ACTIVE_JOB.text} DO NOTHING
+RETURNING *
+""")
+)
+
+
 async def request_removal(session: AsyncSession, vm_uuid: UUID) -> tuple[JobOut, bool]:
     """Queue the removal of a VM's TPM, or return the removal already under way; the flag tells which.
 
-    The VM row lock serialises concurrent requests (in every replica), so however many arrive at once
-    exactly one job is created; the partial unique index on active jobs backs this up.
+    Each statement is atomic by itself, so the session may run without a transaction: the common case is the
+    insert alone, one round trip. However many requests arrive at once, in every replica, the unique index
+    lets exactly one job in; the others read it back.
     """
-    await get_vm(session, vm_uuid, lock=True)
-    # One round trip for both questions, and the new job read back from its INSERT: the request is three
-    # statements, the lock included (the benchmark's DELETEs are bound by round trips, docs/BENCHMARK.md).
-    active, tpm_uuid = (
-        await session.execute(
-            select(
-                select(Job.id).where(Job.vm_uuid == vm_uuid, Job.state.in_(ACTIVE_JOB_STATES)).scalar_subquery(),
-                select(Tpm.uuid).where(Tpm.vm_uuid == vm_uuid).scalar_subquery(),
+    for _ in range(_REQUEST_ATTEMPTS):
+        job = (await session.scalars(_QUEUE_REMOVAL, {"job_id": uuid4(), "vm_uuid": vm_uuid})).one_or_none()
+        if job is not None:
+            return job_out(job, hosts=[]), True
+        vm, active, tpm = (
+            await session.execute(
+                select(
+                    select(Vm.uuid).where(Vm.uuid == vm_uuid).scalar_subquery(),
+                    select(Job.id).where(Job.vm_uuid == vm_uuid, Job.state.in_(ACTIVE_JOB_STATES)).scalar_subquery(),
+                    select(Tpm.uuid).where(Tpm.vm_uuid == vm_uuid).scalar_subquery(),
+                )
             )
-        )
-    ).one()
-    if active is not None:
-        return await get_job(session, active), False
-    if tpm_uuid is None:
-        raise NotFoundError(f"VM {vm_uuid} has no TPM")
-    job = (
-        await session.scalars(insert(Job).values(id=uuid4(), vm_uuid=vm_uuid, tpm_uuid=tpm_uuid).returning(Job))
-    ).one()
-    return job_out(job, hosts=[]), True
+        ).one()
+        if active is not None:
+            return await get_job(session, active), False
+        if vm is None:
+            raise NotFoundError(f"VM {vm_uuid} does not exist")
+        if tpm is None:
+            raise NotFoundError(f"VM {vm_uuid} has no TPM")
+        # A TPM and no removal under way, yet no job inserted: a removal ended or a TPM was created
+        # between the two statements. Look again.
+    raise ConflictError(f"VM {vm_uuid}'s TPM is changing right now; try again shortly")
 
 
 @dataclass(frozen=True)
@@ -101,119 +124,169 @@ def _as_sql(clause: ColumnElement[bool]) -> str:
     return str(clause.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))  # type: ignore[no-untyped-call]
 
 
-# The plan, once per job (a resumed job keeps its own), in one statement: mark the job planned, copy its files,
-# count them per host. It selects with the same expression that `GET /vms/{uuid}/tpm` previews with.
+# Each step of a job that writes is one fenced statement (app/jobs.py): its first CTE, `job`, updates the job
+# row under the claim's token, and every other change is joined to it, so a lost lease changes nothing and the
+# statement answers no row. Data-modifying CTEs all read the snapshot the statement started with; each step
+# below therefore works from what it reads and from its parameters, never from another CTE's effects.
+
+# The plan: fence, then once per job (a resumed job keeps its own) copy its files and count them per host, and
+# answer the files of the hosts still pending. It selects with the same expression that `GET /vms/{uuid}/tpm`
+# previews with. `before` is the job row as the statement found it: whether it was planned already.
 _PLAN = text(f"""
-WITH marked AS (
-    UPDATE jobs SET planned = true WHERE id = :job_id AND NOT planned RETURNING id
+WITH job AS (
+    UPDATE jobs SET {RENEWED_LEASE}, planned = true
+    FROM jobs AS before
+    WHERE {FENCED} AND before.id = jobs.id
+    RETURNING before.planned AS was_planned
 ), planned_files AS (
     INSERT INTO job_files (job_id, file_uuid, host_uuid, path, type)
     SELECT :job_id, host_files.uuid, host_files.host_uuid, host_files.path, host_files.type
-    FROM host_files JOIN vms ON vms.uuid = host_files.vm_uuid
-    WHERE host_files.vm_uuid = :vm_uuid AND ({_as_sql(removed_with_tpm())}) AND EXISTS (SELECT FROM marked)
-    RETURNING host_uuid
+    FROM job, host_files JOIN vms ON vms.uuid = host_files.vm_uuid
+    WHERE NOT job.was_planned AND host_files.vm_uuid = :vm_uuid AND ({_as_sql(removed_with_tpm())})
+    RETURNING host_uuid, path, type
+), planned_hosts AS (
+    INSERT INTO job_hosts (job_id, host_uuid, files)
+    SELECT :job_id, host_uuid, count(*) FROM planned_files GROUP BY host_uuid
+), pending AS (
+    SELECT host_uuid, path, type FROM planned_files
+    UNION ALL
+    SELECT job_files.host_uuid, job_files.path, job_files.type
+    FROM job, job_files
+    JOIN job_hosts ON job_hosts.job_id = job_files.job_id AND job_hosts.host_uuid = job_files.host_uuid
+    WHERE job.was_planned AND job_files.job_id = :job_id AND job_hosts.state = 'pending'
 )
-INSERT INTO job_hosts (job_id, host_uuid, files)
-SELECT :job_id, host_uuid, count(*) FROM planned_files GROUP BY host_uuid
+SELECT pending.host_uuid, hosts.agent_url, pending.path, pending.type
+FROM job LEFT JOIN (pending JOIN hosts ON hosts.uuid = pending.host_uuid) ON true
+ORDER BY pending.host_uuid, pending.path
 """)
 
-_PENDING_FILES = text("""
-SELECT job_files.host_uuid, hosts.agent_url, job_files.path, job_files.type
-FROM job_files
-JOIN job_hosts ON job_hosts.job_id = job_files.job_id AND job_hosts.host_uuid = job_files.host_uuid
-JOIN hosts ON hosts.uuid = job_files.host_uuid
-WHERE job_files.job_id = :job_id AND job_hosts.state = 'pending'
-ORDER BY job_files.host_uuid, job_files.path
-""")
+# Host outcomes as parameters: three arrays of the same length.
+_OUTCOMES = """outcome AS (
+    SELECT * FROM unnest(CAST(:hosts AS uuid[]), CAST(:states AS text[]), CAST(:errors AS text[]))
+        AS outcome(host_uuid, state, error)
+)"""
 
-_RECORD_OUTCOMES = text("""
-UPDATE job_hosts SET state = outcome.state, error = outcome.error
-FROM unnest(CAST(:hosts AS uuid[]), CAST(:states AS text[]), CAST(:errors AS text[]))
-    AS outcome(host_uuid, state, error)
-WHERE job_hosts.job_id = :job_id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
-""")
-
-# The cleanup: a fixed list of bulk statements, however many files and hosts the job has.
-_INSERT_ORPHANS = text("""
-INSERT INTO orphan_files (uuid, host_uuid, vm_uuid, job_id, path, type, attempts, last_error, next_attempt_at)
-SELECT job_files.file_uuid, job_files.host_uuid, :vm_uuid, :job_id, job_files.path, job_files.type,
-       1, job_hosts.error, now() + :retry * interval '1 second'
-FROM job_files
-JOIN job_hosts ON job_hosts.job_id = job_files.job_id AND job_hosts.host_uuid = job_files.host_uuid
-WHERE job_files.job_id = :job_id AND job_hosts.state <> 'deleted'
-ON CONFLICT (uuid) DO NOTHING
-""")
-
-_INSERT_CONFIRMED = text("""
-INSERT INTO confirmed_deletions (file_uuid, host_uuid, path, job_id)
-SELECT job_files.file_uuid, job_files.host_uuid, job_files.path, :job_id
-FROM job_files
-JOIN job_hosts ON job_hosts.job_id = job_files.job_id AND job_hosts.host_uuid = job_files.host_uuid
-WHERE job_files.job_id = :job_id AND job_hosts.state = 'deleted'
-ON CONFLICT (file_uuid) DO NOTHING
-""")
-
-_DELETE_FILE_RECORDS = text(
-    "DELETE FROM host_files WHERE uuid IN (SELECT file_uuid FROM job_files WHERE job_id = :job_id)"
+# Host outcomes that land while other hosts of the job are still being called.
+_RECORD_OUTCOMES = text(f"""
+WITH job AS (
+    UPDATE jobs SET {RENEWED_LEASE} WHERE {FENCED} RETURNING id
+), {_OUTCOMES}, recorded AS (
+    UPDATE job_hosts SET state = outcome.state, error = outcome.error
+    FROM job, outcome
+    WHERE job_hosts.job_id = job.id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
 )
-_DELETE_KEY_BINDING = text("DELETE FROM tpm_key_bindings WHERE tpm_uuid = :tpm_uuid")
-_DELETE_TPM = text("DELETE FROM tpms WHERE uuid = :tpm_uuid")
-
-_FINISH_JOB = text("""
-UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_token = NULL, lease_expires_at = NULL,
-    error = NULL, orphan_files = (SELECT count(*) FROM orphan_files WHERE job_id = :job_id)
-WHERE id = :job_id
-RETURNING orphan_files
+SELECT id FROM job
 """)
+
+# The cleanup, the job's database work after its host calls, in one statement however many files and hosts it
+# has: the last host outcomes recorded, orphans and confirmations recorded from every host's outcome, file
+# records, key binding and TPM deleted, and the job succeeded, which is also its fence.
+_CLEANUP = text(f"""
+WITH {_OUTCOMES}, host_outcome AS (
+    SELECT job_hosts.host_uuid,
+           CASE WHEN outcome.host_uuid IS NULL THEN job_hosts.state ELSE outcome.state END AS state,
+           CASE WHEN outcome.host_uuid IS NULL THEN job_hosts.error ELSE outcome.error END AS error
+    FROM job_hosts
+    LEFT JOIN outcome ON outcome.host_uuid = job_hosts.host_uuid AND job_hosts.state = 'pending'
+    WHERE job_hosts.job_id = :job_id
+), files AS (
+    SELECT job_files.file_uuid, job_files.host_uuid, job_files.path, job_files.type,
+           host_outcome.state, host_outcome.error
+    FROM job_files JOIN host_outcome ON host_outcome.host_uuid = job_files.host_uuid
+    WHERE job_files.job_id = :job_id
+), job AS (
+    UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_token = NULL, lease_expires_at = NULL,
+        error = NULL, orphan_files = (SELECT count(*) FROM files WHERE state <> 'deleted')
+    WHERE {FENCED}
+    RETURNING orphan_files
+), recorded AS (
+    UPDATE job_hosts SET state = outcome.state, error = outcome.error
+    FROM job, outcome
+    WHERE job_hosts.job_id = :job_id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
+), orphans AS (
+    INSERT INTO orphan_files (uuid, host_uuid, vm_uuid, job_id, path, type, attempts, last_error, next_attempt_at)
+    SELECT files.file_uuid, files.host_uuid, :vm_uuid, :job_id, files.path, files.type,
+           1, files.error, now() + :retry * interval '1 second'
+    FROM job, files
+    WHERE files.state <> 'deleted'
+), confirmed AS (
+    INSERT INTO confirmed_deletions (file_uuid, host_uuid, path, job_id)
+    SELECT files.file_uuid, files.host_uuid, files.path, :job_id
+    FROM job, files
+    WHERE files.state = 'deleted'
+), file_records AS (
+    DELETE FROM host_files USING job, files WHERE host_files.uuid = files.file_uuid
+), key_binding AS (
+    DELETE FROM tpm_key_bindings USING job WHERE tpm_key_bindings.tpm_uuid = :tpm_uuid
+), tpm AS (
+    DELETE FROM tpms USING job WHERE tpms.uuid = :tpm_uuid
+)
+SELECT orphan_files FROM job
+""")
+
+
+def _outcome_params(outcomes: Sequence[tuple[UUID, HostDeleteResult]]) -> dict[str, list[Any]]:
+    return {
+        "hosts": [host for host, _ in outcomes],
+        "states": ["deleted" if result.ok else "failed" for _, result in outcomes],
+        "errors": [result.error for _, result in outcomes],
+    }
 
 
 class Removal:
-    """Runs removal jobs, given a session factory and an agent client; knows nothing of HTTP or claiming."""
+    """Runs removal jobs, given a database engine and an agent client; knows nothing of HTTP or claiming."""
 
-    def __init__(
-        self,
-        sessions: async_sessionmaker[AsyncSession],
-        agent: AgentClient,
-        *,
-        orphan_retry_seconds: float,
-    ) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: AsyncEngine, agent: AgentClient, *, orphan_retry_seconds: float) -> None:
+        # Every statement of a job is fenced and atomic by itself: none needs a transaction around it.
+        self._statements = engine.execution_options(**AUTOCOMMIT)
         self._agent = agent
         self._orphan_retry_seconds = orphan_retry_seconds
 
     async def run(self, claim: JobClaim, lease: LeaseClock) -> int:
         """Carry a claimed job to its end; the number of orphan files it left. Raises LeaseLostError."""
         hosts = await self.plan_removal(claim, lease)
-        await self.delete_on_hosts(claim, lease, hosts)
-        return await self.commit_cleanup(claim, lease)
+        last_outcomes = await self.delete_on_hosts(claim, lease, hosts)
+        return await self.commit_cleanup(claim, lease, last_outcomes)
 
-    async def _fenced(self, claim: JobClaim, lease: LeaseClock, session: AsyncSession) -> None:
+    async def _fenced(
+        self, claim: JobClaim, lease: LeaseClock, statement: TextClause, params: dict[str, Any]
+    ) -> Sequence[Row[Any]]:
+        """Run one fenced statement on its own (no transaction around it); its rows, or LeaseLostError if none."""
         sent_at = time.monotonic()
-        try:
-            await fence(session, claim, lease_seconds=lease.lease_seconds)
-        except LeaseLostError:
+        async with self._statements.connect() as connection:
+            result = await connection.execute(statement, {**claim.fence_params(lease.lease_seconds), **params})
+            rows = result.all()
+        if not rows:
             lease.lose()
-            raise
+            raise LeaseLostError(f"job {claim.job_id}: lease was taken over")
         lease.renewed(sent_at)
+        return rows
 
     async def plan_removal(self, claim: JobClaim, lease: LeaseClock) -> list[HostPlan]:
         """Record the job's files and hosts once (a resumed job keeps its plan); the hosts still pending."""
-        async with self._sessions() as session, session.begin():
-            await self._fenced(claim, lease, session)
-            params = {"job_id": claim.job_id, "vm_uuid": claim.vm_uuid}
-            await session.execute(_PLAN, params)
-            rows = await session.execute(_PENDING_FILES, params)
-            plans: dict[UUID, HostPlan] = {}
-            for row in rows:
-                plan = plans.get(row.host_uuid)
-                if plan is None:
-                    plan = plans[row.host_uuid] = HostPlan(row.host_uuid, row.agent_url, [])
-                plan.files.append(FileToDelete(path=row.path, type=row.type))
+        rows = await self._fenced(claim, lease, _PLAN, {"vm_uuid": claim.vm_uuid})
+        plans: dict[UUID, HostPlan] = {}
+        for row in rows:
+            if row.host_uuid is None:  # the job has no file (left) to delete
+                continue
+            plan = plans.get(row.host_uuid)
+            if plan is None:
+                plan = plans[row.host_uuid] = HostPlan(row.host_uuid, row.agent_url, [])
+            plan.files.append(FileToDelete(path=row.path, type=row.type))
         return list(plans.values())
 
-    async def delete_on_hosts(self, claim: JobClaim, lease: LeaseClock, hosts: list[HostPlan]) -> None:
-        """Send every host its one delete call, all at once; record each outcome as it lands."""
-        recorder = _OutcomeRecorder(lambda outcomes: self._record_outcomes(claim, lease, outcomes), hosts=len(hosts))
+    async def delete_on_hosts(
+        self, claim: JobClaim, lease: LeaseClock, hosts: list[HostPlan]
+    ) -> list[tuple[UUID, HostDeleteResult]]:
+        """Send every host its one delete call, all at once; record each outcome as it lands.
+
+        The outcomes that came last, with no host left to wait for, are not written here but returned: the
+        cleanup records them in its own statement.
+        """
+        recorder = _OutcomeRecorder(
+            lambda outcomes: self._fenced(claim, lease, _RECORD_OUTCOMES, _outcome_params(outcomes)),
+            hosts=len(hosts),
+        )
 
         async def delete_on_host(host: HostPlan) -> None:
             if not lease.valid():
@@ -239,52 +312,36 @@ class Removal:
                 raise error
         if errors:
             raise errors[0]
+        return recorder.unwritten()
 
-    async def _record_outcomes(
-        self, claim: JobClaim, lease: LeaseClock, outcomes: list[tuple[UUID, HostDeleteResult]]
-    ) -> None:
-        async with self._sessions() as session, session.begin():
-            await self._fenced(claim, lease, session)
-            await session.execute(
-                _RECORD_OUTCOMES,
-                {
-                    "job_id": claim.job_id,
-                    "hosts": [host for host, _ in outcomes],
-                    "states": ["deleted" if r.ok else "failed" for _, r in outcomes],
-                    "errors": [r.error for _, r in outcomes],
-                },
-            )
-
-    async def commit_cleanup(self, claim: JobClaim, lease: LeaseClock) -> int:
-        """In one transaction: orphans and confirmations recorded, file records, key binding and TPM
-        deleted, the job succeeded. The number of orphan files the job left."""
+    async def commit_cleanup(
+        self, claim: JobClaim, lease: LeaseClock, last_outcomes: Sequence[tuple[UUID, HostDeleteResult]]
+    ) -> int:
+        """In one statement: the last host outcomes, orphans and confirmations recorded, file records, key
+        binding and TPM deleted, the job succeeded. The number of orphan files the job left."""
         params = {
-            "job_id": claim.job_id,
             "vm_uuid": claim.vm_uuid,
             "tpm_uuid": claim.tpm_uuid,
             "retry": self._orphan_retry_seconds,
+            **_outcome_params(last_outcomes),
         }
-        async with self._sessions() as session, session.begin():
-            await self._fenced(claim, lease, session)
-            await session.execute(_INSERT_ORPHANS, params)
-            await session.execute(_INSERT_CONFIRMED, params)
-            await session.execute(_DELETE_FILE_RECORDS, params)
-            await session.execute(_DELETE_KEY_BINDING, params)
-            await session.execute(_DELETE_TPM, params)
-            orphans = (await session.execute(_FINISH_JOB, params)).scalar_one()
-        return int(orphans)
+        (row,) = await self._fenced(claim, lease, _CLEANUP, params)
+        return int(row.orphan_files)
 
 
 class _OutcomeRecorder:
     """Group commit of host outcomes: whoever holds the lock writes every outcome that arrived meanwhile.
 
-    With hundreds of hosts answering within milliseconds of each other, one fenced transaction per host
-    would queue on the job row's lock; batching keeps the job's run time close to its slowest host.
-    The first write lingers a moment for the job's other hosts, so that hosts answering at nearly the same time
-    (most jobs: a few hosts, all healthy) share one transaction instead of one each; later writes go at once.
+    With hundreds of hosts answering within milliseconds of each other, one fenced write per host would queue
+    on the job row's lock; batching keeps the job's run time close to its slowest host. The first write lingers
+    a moment for the job's other hosts, so that hosts answering at nearly the same time (most jobs: a few hosts,
+    all healthy) share one write; later writes go at once. Outcomes with no host left to wait for are not
+    written at all: they go with the cleanup, which follows at once.
     """
 
-    def __init__(self, write: Callable[[list[tuple[UUID, HostDeleteResult]]], Awaitable[None]], *, hosts: int) -> None:
+    def __init__(
+        self, write: Callable[[list[tuple[UUID, HostDeleteResult]]], Awaitable[object]], *, hosts: int
+    ) -> None:
         self._write = write
         self._pending: list[tuple[UUID, HostDeleteResult]] = []
         self._lock = asyncio.Lock()
@@ -294,7 +351,7 @@ class _OutcomeRecorder:
         self._lingered = False
 
     async def record(self, host_uuid: UUID, result: HostDeleteResult) -> None:
-        """Return once this outcome is durably written (by this call or by one before it)."""
+        """Return once this outcome is durably written, or left for the cleanup as one of the last."""
         self._pending.append((host_uuid, result))
         self._unanswered -= 1
         if self._unanswered <= 0:
@@ -302,15 +359,19 @@ class _OutcomeRecorder:
         async with self._lock:
             if self._error is not None:
                 raise self._error
-            if not self._pending:
-                return
             if not self._lingered:
                 self._lingered = True
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._all_answered.wait(), OUTCOME_LINGER_SECONDS)
+            if not self._pending or self._all_answered.is_set():
+                return
             batch, self._pending = self._pending, []
             try:
                 await self._write(batch)
             except BaseException as error:
                 self._error = error
                 raise
+
+    def unwritten(self) -> list[tuple[UUID, HostDeleteResult]]:
+        """The outcomes no write took: the last ones, once every host has answered."""
+        return list(self._pending)

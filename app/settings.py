@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(default=1.0, gt=0)
     # Most removal jobs one process runs at once (their agent calls share AGENT_CONCURRENCY).
     worker_max_jobs: int = Field(default=64, ge=1)
+    # Connections of each of the process's two pools (the API's and the worker's), opened as needed and kept.
     db_pool_size: int = Field(default=20, ge=1)
     data_dir: Path = Path(".data")
     log_level: str = "INFO"

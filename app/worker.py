@@ -10,7 +10,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db import is_database_unavailable
+from app.db import autocommit_session, is_database_unavailable
 from app.errors import LeaseLostError
 from app.jobs import JobClaim, claim_jobs, record_job_failure, release_job, renew_leases
 from app.metrics import JOBS_TOTAL, refresh_gauges
@@ -103,7 +103,7 @@ class Worker:
             claims: list[JobClaim] = []
             if free > 0:
                 try:
-                    async with self._sessions() as session, session.begin():
+                    async with autocommit_session(self._sessions) as session:  # one statement
                         claims = await claim_jobs(session, limit=free, lease_seconds=self._lease_seconds)
                 except Exception as error:
                     _log_loop_error("claim", error)

@@ -22,7 +22,9 @@ _INSERT = text("INSERT INTO bench_baseline (id) VALUES (:id)")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Create the engine (pool sized like the service's) and the table."""
-    engine = create_async_engine(os.environ["DATABASE_URL"], pool_size=20, max_overflow=20)
+    engine = create_async_engine(
+        os.environ["DATABASE_URL"], pool_size=int(os.environ.get("DB_POOL_SIZE", "20")), max_overflow=0
+    )
     async with engine.begin() as connection:
         await connection.execute(_CREATE)
     app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from sqlalchemy import event
+from sqlalchemy import Connection, event
 
 from app.agent_client import AgentClient
-from app.db import create_engine, create_session_factory
+from app.db import autocommit_session, create_engine, create_session_factory
 from app.jobs import claim_jobs
 from app.removal import LeaseClock, Removal, request_removal
 from bench.seed import FileSpec, Seeder
@@ -53,30 +53,33 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
         statements[step] += 1
 
     @event.listens_for(engine.sync_engine, "begin")
-    def count_transaction(*_args: Any) -> None:
-        transactions[step] += 1
+    def count_transaction(connection: Connection) -> None:
+        # An autocommit connection "begins" too, but sends no BEGIN: each of its statements commits alone.
+        if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            transactions[step] += 1
 
     sessions = create_session_factory(engine)
     async with aiohttp.ClientSession() as http:
         agent = AgentClient(http, timeout_seconds=10, concurrency=64)
-        removal = Removal(sessions, agent, orphan_retry_seconds=30)
+        removal = Removal(engine, agent, orphan_retry_seconds=30)
         try:
             for layout in layouts:
                 (vm_uuid,) = await seeder.vms([layout])
                 statements, transactions = Counter(), Counter()
+                # The request and the claim run as the route and the worker run them.
                 step = "request"
-                async with sessions() as session, session.begin():
+                async with autocommit_session(sessions) as session:
                     await request_removal(session, vm_uuid)
                 step = "claim"
-                async with sessions() as session, session.begin():
+                async with autocommit_session(sessions) as session:
                     (claim,) = await claim_jobs(session, limit=1, lease_seconds=_LEASE_SECONDS)
                 lease = LeaseClock(_LEASE_SECONDS)
                 step = "plan"
                 plan = await removal.plan_removal(claim, lease)
                 step = "host_calls"
-                await removal.delete_on_hosts(claim, lease, plan)
+                last_outcomes = await removal.delete_on_hosts(claim, lease, plan)
                 step = "cleanup"
-                if orphans := await removal.commit_cleanup(claim, lease):
+                if orphans := await removal.commit_cleanup(claim, lease, last_outcomes):
                     raise RuntimeError(f"cost run left {orphans} orphan files: the agents did not confirm")
                 costs.append(JobCost(len(layout), len(plan), statements, transactions))
         finally:

@@ -23,7 +23,7 @@ def sessions_of(client: httpx.AsyncClient) -> async_sessionmaker[AsyncSession]:
 
 
 def removal_of(client: httpx.AsyncClient) -> Removal:
-    return Removal(sessions_of(client), client.app.state.agent, orphan_retry_seconds=60)  # type: ignore[attr-defined]
+    return Removal(client.app.state.engine, client.app.state.agent, orphan_retry_seconds=60)  # type: ignore[attr-defined]
 
 
 async def claim(client: httpx.AsyncClient, job_id: str) -> JobClaim:
@@ -126,7 +126,7 @@ async def test_cleanup_runs_the_same_number_of_statements_for_any_number_of_file
         job_id = (await client.delete(f"/vms/{vm}/tpm")).json()["id"]
         job = await claim(client, job_id)
         removal, lease = removal_of(client), LeaseClock(LEASE)
-        await removal.delete_on_hosts(job, lease, await removal.plan_removal(job, lease))
+        last_outcomes = await removal.delete_on_hosts(job, lease, await removal.plan_removal(job, lease))
 
         statements: list[str] = []
         engine = client.app.state.engine.sync_engine  # type: ignore[attr-defined]
@@ -136,8 +136,9 @@ async def test_cleanup_runs_the_same_number_of_statements_for_any_number_of_file
 
         event.listen(engine, "before_cursor_execute", count)
         try:
-            await removal.commit_cleanup(job, lease)
+            await removal.commit_cleanup(job, lease, last_outcomes)
         finally:
             event.remove(engine, "before_cursor_execute", count)
-    # fence, orphans, confirmations, file records, key binding, TPM, job: however many files.
-    assert len(statements) == 7, statements
+    # Outcomes, orphans, confirmations, file records, key binding, TPM and job, fenced: one statement,
+    # however many files.
+    assert len(statements) == 1, statements

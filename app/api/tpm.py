@@ -8,6 +8,7 @@ from app import inventory, removal
 from app.api.deps import SessionDep
 from app.api.errors import problem_responses
 from app.api.jobs import job_response
+from app.db import AUTOCOMMIT
 from app.schemas import HostFileOut, JobOut, TpmIn, TpmOut, TpmWithFilesOut
 
 router = APIRouter(prefix="/vms/{vm_uuid}/tpm", tags=["tpm"])
@@ -63,6 +64,7 @@ async def get_tpm(vm_uuid: UUID, session: SessionDep) -> TpmWithFilesOut:
     responses=problem_responses(404, 422),
 )
 async def remove_tpm(vm_uuid: UUID, session: SessionDep) -> Response:
-    async with session.begin():
-        job, _created = await removal.request_removal(session, vm_uuid)
+    # request_removal's statements stand alone (see there): no transaction around them.
+    await session.connection(execution_options=AUTOCOMMIT)
+    job, _created = await removal.request_removal(session, vm_uuid)
     return job_response(job, status_code=202, headers={"Location": f"/jobs/{job.id}"})

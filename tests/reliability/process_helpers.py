@@ -349,28 +349,31 @@ class FaultHarness:
         return await self.job(job_id)
 
     @asynccontextmanager
-    async def tpm_row_locked(self, vm: SeededVm) -> AsyncIterator[None]:
-        """Keep the VM's TPM row locked for the block, in a transaction of the test's own.
+    async def file_record_locked(self, vm: SeededVm) -> AsyncIterator[None]:
+        """Keep the VM's host-file records locked for the block, in a transaction of the test's own.
 
-        A removal's cleanup then waits in its DELETE FROM tpms, after it fenced (and so locked) the job
-        row and wrote orphans, confirmations and file deletions: a fault injected meanwhile lands inside
-        the cleanup transaction, with no hook in the service.
+        A removal's cleanup statement then waits in its deletion of those records, after its first part fenced
+        (and so locked) the job row: a fault injected meanwhile lands inside the cleanup, with no hook in the
+        service. Nothing before the cleanup locks these rows (the DELETE request locks the TPM, the plan only
+        reads them).
         """
         async with self.engine.connect() as conn, conn.begin():
-            await conn.execute(text("SELECT 1 FROM tpms WHERE uuid = :t FOR UPDATE"), {"t": vm.tpm_uuid})
+            await conn.execute(text("SELECT 1 FROM host_files WHERE vm_uuid = :v FOR UPDATE"), {"v": vm.uuid})
             yield
 
     async def wait_for_blocked_cleanup(self) -> None:
-        """Wait until a cleanup transaction waits for the TPM row lock (see `tpm_row_locked`)."""
+        """Wait until a cleanup statement waits for the file records' row locks (see `file_record_locked`)."""
 
         async def blocked() -> bool:
+            # Nothing else of the service waits for a lock meanwhile. (The statement's text is no use: the
+            # server keeps only its first kilobyte.)
             waiting = await self.rows(
                 "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM tpms%'"
+                "AND wait_event_type = 'Lock' AND application_name = 'vtpm'"
             )
             return bool(waiting)
 
-        await wait_until(blocked, timeout=60, what="the cleanup waits for the TPM row")
+        await wait_until(blocked, timeout=60, what="the cleanup waits for the file records")
 
     async def audit(self, vms: Sequence[SeededVm] | None = None) -> AuditReport:
         """The audit of the whole test database (or of some VMs)."""
