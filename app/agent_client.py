@@ -67,6 +67,15 @@ class _CallFailed(Exception):
         self.reason = reason
 
 
+def agent_session(concurrency: int) -> aiohttp.ClientSession:
+    """The one HTTP session a process calls agents through: `concurrency` connections, kept alive between calls."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
+        # Agent calls are bounded by AgentClient; the session's own 5-minute default must not cut in first.
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
 class AgentClient:
     """Calls host agents over one shared aiohttp session, with a bound on calls in flight."""
 

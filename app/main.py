@@ -5,10 +5,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
-import aiohttp
 from fastapi import APIRouter, Depends, FastAPI
 
-from app.agent_client import AgentClient
+from app.agent_client import AgentClient, agent_session
 from app.api import health, hosts, jobs, orphans, tpm, vms
 from app.api.deps import require_token
 from app.api.docs import add_offline_docs
@@ -53,11 +52,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for _ in range(2)
     )
     sessions, worker_sessions = create_session_factory(engine), create_session_factory(worker_engine)
-    http = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=settings.agent_concurrency, limit_per_host=0),
-        # Agent calls are bounded by AgentClient; the session's own 5-minute default must not cut in first.
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
+    http = agent_session(settings.agent_concurrency)
     agent = AgentClient(
         http,
         timeout_seconds=settings.agent_timeout_seconds,

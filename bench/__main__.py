@@ -8,6 +8,7 @@ cost per job and the memory growth over many removals.
 import argparse
 import asyncio
 import gc
+import json
 import os
 import platform
 import signal
@@ -241,6 +242,12 @@ async def run(args: argparse.Namespace) -> None:
         ratio = statistics.median(r.run_seconds for r in runs) / args.fanout_delay
         report(f"fan-out ratio (median run / one host's delay): {ratio:.2f} (goal <= {GOAL_FAN_OUT_RATIO})")
         report(f"a serial per-host loop would take at least {args.fanout_hosts * args.fanout_delay:.1f} s")
+        alone = statistics.median(await agent_calls_alone(slow_urls, root, args.fanout_runs))
+        report(
+            f"the same {args.fanout_hosts} calls alone (python -m bench.agent_calls: AgentClient in a process of its "
+            f"own, no service, no database), median of {args.fanout_runs}: {alone * 1000:.0f} ms = ratio "
+            f"{alone / args.fanout_delay:.2f}; the service adds {ratio - alone / args.fanout_delay:.2f}"
+        )
 
         report()
         report(
@@ -269,6 +276,26 @@ async def run(args: argparse.Namespace) -> None:
         report(f"== 4. memory: service RSS before and after {args.memory_removals} more removals")
         memory_vms = await seeder.vms(two_host_layouts(fast_hosts, args.memory_removals))
         await measure_memory(http, database, service, memory_vms, args.concurrency)
+
+
+async def agent_calls_alone(urls: list[str], root: Path, runs: int) -> list[float]:
+    """Run `python -m bench.agent_calls` against these agents (served by this process); each run's seconds."""
+    calls = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.agent_calls",
+        "--root",
+        str(root),
+        "--runs",
+        str(runs),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await calls.communicate("\n".join(urls).encode())
+    if calls.returncode != 0:
+        raise RuntimeError(f"python -m bench.agent_calls exited {calls.returncode}")
+    seconds: list[float] = json.loads(out)
+    return seconds
 
 
 async def measure_memory(
