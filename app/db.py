@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import event, make_url, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from app.embedded_db import start_embedded_postgres
 from app.settings import Settings
@@ -85,6 +85,14 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
 # work whose statements are each atomic by themselves (a data-modifying CTE is one statement): a transaction of one
 # statement costs three round trips, this one (see docs/BENCHMARK.md).
 AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
+
+
+@asynccontextmanager
+async def autocommit_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection of the engine's pool whose statements commit one by one (see AUTOCOMMIT)."""
+    async with engine.connect() as connection:
+        await connection.execution_options(**AUTOCOMMIT)
+        yield connection
 
 
 @asynccontextmanager

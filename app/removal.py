@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import ColumnElement, Row, TextClause, select, text
+from sqlalchemy import ColumnElement, Row, TextClause, bindparam, select, text
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from app.agent_client import AgentClient, FileToDelete, HostDeleteResult
-from app.db import AUTOCOMMIT
+from app.db import autocommit_connection
 from app.errors import ConflictError, LeaseLostError, NotFoundError
 from app.inventory import removed_with_tpm
 from app.jobs import FENCED, RENEWED_LEASE, JobClaim, get_job, job_out
@@ -38,39 +38,37 @@ _REQUEST_ATTEMPTS = 3
 # The job of a removal, inserted only while the VM has a TPM and no removal under way. The TPM row is locked, so
 # that a TPM being deleted by a finishing removal yields no job rather than one for a TPM that is gone; the
 # partial unique index of active jobs (named by its predicate, ACTIVE_JOB) turns a removal already queued into no
-# row too. One constant statement: it is the whole of the common DELETE, so nothing is built per request.
-_QUEUE_REMOVAL = select(Job).from_statement(
-    text(f"""
+# row too. It is the whole of the common DELETE: one constant statement, its row read without the ORM.
+_QUEUE_REMOVAL = text(f"""
 INSERT INTO jobs (id, vm_uuid, tpm_uuid)
 SELECT :job_id, tpms.vm_uuid, tpms.uuid FROM tpms WHERE tpms.vm_uuid = :vm_uuid FOR UPDATE
 ON CONFLICT (vm_uuid) WHERE {ACTIVE_JOB.text} DO NOTHING
 RETURNING *
 """)
+
+# Why no job was inserted.
+_REMOVAL_STATE = select(
+    select(Vm.uuid).where(Vm.uuid == bindparam("vm_uuid")).scalar_subquery(),
+    select(Job.id).where(Job.vm_uuid == bindparam("vm_uuid"), Job.state.in_(ACTIVE_JOB_STATES)).scalar_subquery(),
+    select(Tpm.uuid).where(Tpm.vm_uuid == bindparam("vm_uuid")).scalar_subquery(),
 )
 
 
-async def request_removal(session: AsyncSession, vm_uuid: UUID) -> tuple[JobOut, bool]:
+async def request_removal(connection: AsyncConnection, vm_uuid: UUID) -> tuple[JobOut, bool]:
     """Queue the removal of a VM's TPM, or return the removal already under way; the flag tells which.
 
-    Each statement is atomic by itself, so the session may run without a transaction: the common case is the
-    insert alone, one round trip. However many requests arrive at once, in every replica, the unique index
-    lets exactly one job in; the others read it back.
+    Each statement is atomic by itself, so the connection may run without a transaction (app.db.AUTOCOMMIT): the
+    common case is the insert alone, one round trip. However many requests arrive at once, in every replica, the
+    unique index lets exactly one job in; the others read it back.
     """
     for _ in range(_REQUEST_ATTEMPTS):
-        job = (await session.scalars(_QUEUE_REMOVAL, {"job_id": uuid4(), "vm_uuid": vm_uuid})).one_or_none()
-        if job is not None:
-            return job_out(job, hosts=[]), True
-        vm, active, tpm = (
-            await session.execute(
-                select(
-                    select(Vm.uuid).where(Vm.uuid == vm_uuid).scalar_subquery(),
-                    select(Job.id).where(Job.vm_uuid == vm_uuid, Job.state.in_(ACTIVE_JOB_STATES)).scalar_subquery(),
-                    select(Tpm.uuid).where(Tpm.vm_uuid == vm_uuid).scalar_subquery(),
-                )
-            )
-        ).one()
+        row = (await connection.execute(_QUEUE_REMOVAL, {"job_id": uuid4(), "vm_uuid": vm_uuid})).one_or_none()
+        if row is not None:
+            return job_out(Job(**row._mapping), hosts=[]), True
+        vm, active, tpm = (await connection.execute(_REMOVAL_STATE, {"vm_uuid": vm_uuid})).one()
         if active is not None:
-            return await get_job(session, active), False
+            async with AsyncSession(bind=connection) as session:
+                return await get_job(session, active), False
         if vm is None:
             raise NotFoundError(f"VM {vm_uuid} does not exist")
         if tpm is None:
@@ -237,8 +235,7 @@ class Removal:
     """Runs removal jobs, given a database engine and an agent client; knows nothing of HTTP or claiming."""
 
     def __init__(self, engine: AsyncEngine, agent: AgentClient, *, orphan_retry_seconds: float) -> None:
-        # Every statement of a job is fenced and atomic by itself: none needs a transaction around it.
-        self._statements = engine.execution_options(**AUTOCOMMIT)
+        self._engine = engine
         self._agent = agent
         self._orphan_retry_seconds = orphan_retry_seconds
 
@@ -253,7 +250,8 @@ class Removal:
     ) -> Sequence[Row[Any]]:
         """Run one fenced statement on its own (no transaction around it); its rows, or LeaseLostError if none."""
         sent_at = time.monotonic()
-        async with self._statements.connect() as connection:
+        # Every statement of a job is fenced and atomic by itself: none needs a transaction around it.
+        async with autocommit_connection(self._engine) as connection:
             result = await connection.execute(statement, {**claim.fence_params(lease.lease_seconds), **params})
             rows = result.all()
         if not rows:

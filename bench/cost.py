@@ -13,7 +13,7 @@ import aiohttp
 from sqlalchemy import Connection, event
 
 from app.agent_client import AgentClient
-from app.db import autocommit_session, create_engine, create_session_factory
+from app.db import autocommit_connection, autocommit_session, create_engine, create_session_factory
 from app.jobs import claim_jobs
 from app.removal import LeaseClock, Removal, request_removal
 from bench.seed import FileSpec, Seeder
@@ -68,8 +68,8 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
                 statements, transactions = Counter(), Counter()
                 # The request and the claim run as the route and the worker run them.
                 step = "request"
-                async with autocommit_session(sessions) as session:
-                    await request_removal(session, vm_uuid)
+                async with autocommit_connection(engine) as connection:
+                    await request_removal(connection, vm_uuid)
                 step = "claim"
                 async with autocommit_session(sessions) as session:
                     (claim,) = await claim_jobs(session, limit=1, lease_seconds=_LEASE_SECONDS)

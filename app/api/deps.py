@@ -6,8 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from app.db import autocommit_connection
 from app.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from app.settings import Settings
 
@@ -18,6 +19,12 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+async def get_autocommit_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    """A connection whose statements commit one by one, for a route whose work is statements atomic by themselves."""
+    async with autocommit_connection(request.app.state.engine) as connection:
+        yield connection
+
+
 async def get_settings(request: Request) -> Settings:
     """The app's settings (async only so that FastAPI calls it in the loop, not in its thread pool)."""
     settings: Settings = request.app.state.settings
@@ -25,6 +32,7 @@ async def get_settings(request: Request) -> Settings:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+AutocommitConnectionDep = Annotated[AsyncConnection, Depends(get_autocommit_connection)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _bearer = HTTPBearer(

@@ -5,10 +5,9 @@ from uuid import UUID
 from fastapi import APIRouter, Response
 
 from app import inventory, removal
-from app.api.deps import SessionDep
+from app.api.deps import AutocommitConnectionDep, SessionDep
 from app.api.errors import problem_responses
 from app.api.jobs import job_response
-from app.db import AUTOCOMMIT
 from app.schemas import HostFileOut, JobOut, TpmIn, TpmOut, TpmWithFilesOut
 
 router = APIRouter(prefix="/vms/{vm_uuid}/tpm", tags=["tpm"])
@@ -63,8 +62,6 @@ async def get_tpm(vm_uuid: UUID, session: SessionDep) -> TpmWithFilesOut:
     ),
     responses=problem_responses(404, 422),
 )
-async def remove_tpm(vm_uuid: UUID, session: SessionDep) -> Response:
-    # request_removal's statements stand alone (see there): no transaction around them.
-    await session.connection(execution_options=AUTOCOMMIT)
-    job, _created = await removal.request_removal(session, vm_uuid)
+async def remove_tpm(vm_uuid: UUID, connection: AutocommitConnectionDep) -> Response:
+    job, _created = await removal.request_removal(connection, vm_uuid)
     return job_response(job, status_code=202, headers={"Location": f"/jobs/{job.id}"})
