@@ -38,6 +38,7 @@ def create_engine(
     pool_size: int = 20,
     command_timeout: float | None = None,
     idle_transaction_timeout: float = 0,
+    synchronous_commit: bool = True,
 ) -> AsyncEngine:
     """An engine whose pool survives database restarts and fails fast while the database is down.
 
@@ -45,6 +46,8 @@ def create_engine(
     `idle_transaction_timeout` has the server end a session that sits inside a transaction that many seconds
     without a statement: its process is stalled (paused, starved), and the row locks it holds must not keep
     other processes from taking its jobs over. 0 leaves such sessions be.
+    `synchronous_commit=False` lets a commit return before its WAL is on disk: for work that is redone when
+    lost (see app.main), not for anything a caller is told is done.
     """
     engine = create_async_engine(
         database_url,
@@ -60,6 +63,7 @@ def create_engine(
             "server_settings": {
                 "application_name": "vtpm",
                 "idle_in_transaction_session_timeout": str(round(idle_transaction_timeout * 1000)),
+                "synchronous_commit": "on" if synchronous_commit else "off",
             },
         },
     )

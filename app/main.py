@@ -4,6 +4,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
 from fastapi import APIRouter, Depends, FastAPI
 
@@ -42,15 +43,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("API_TOKEN is not set: the API accepts every caller")
     # Two pools of DB_POOL_SIZE each: the API's and the worker's, so that a flood of requests cannot leave
     # running jobs waiting for a connection (and, past the pool timeout, for their lease to run out).
-    engine, worker_engine = (
-        create_engine(
-            database_url,
-            pool_size=settings.db_pool_size,
-            command_timeout=COMMAND_TIMEOUT_SECONDS,
-            idle_transaction_timeout=max(settings.job_lease_seconds, STALLED_TRANSACTION_MIN_SECONDS),
-        )
-        for _ in range(2)
+    new_engine = partial(
+        create_engine,
+        database_url,
+        pool_size=settings.db_pool_size,
+        command_timeout=COMMAND_TIMEOUT_SECONDS,
+        idle_transaction_timeout=max(settings.job_lease_seconds, STALLED_TRANSACTION_MIN_SECONDS),
     )
+    engine = new_engine()
+    # The worker's commits do not wait for the disk. Every commit that sends NOTIFY (a job's claim, plan and
+    # cleanup all do) holds PostgreSQL's one notification lock until it is durable, so with synchronous commits
+    # the jobs of every replica queued behind each other's disk flushes (docs/BENCHMARK.md). What a database
+    # crash can cost is the last moment of worker commits, and every one of them is redone then: a claim or
+    # plan lost is made again, outcomes and cleanup lost leave the job running, to be resumed (agents answer
+    # `missing` for files already gone), an orphan confirmation lost is retried. The API's commits stay
+    # synchronous: what a caller is told (202 with a job, 201 with a record) is on disk, and each such commit
+    # makes every earlier worker commit durable too.
+    worker_engine = new_engine(synchronous_commit=False)
     sessions, worker_sessions = create_session_factory(engine), create_session_factory(worker_engine)
     http = agent_session(settings.agent_concurrency)
     agent = AgentClient(
@@ -78,6 +87,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_failures=settings.job_max_failures,
     )
     app.state.engine = engine
+    app.state.worker_engine = worker_engine
     app.state.sessions = sessions
     app.state.agent = agent
     app.state.notifications = notifications

@@ -142,3 +142,12 @@ async def test_cleanup_runs_the_same_number_of_statements_for_any_number_of_file
     # Outcomes, orphans, confirmations, file records, key binding, TPM and job, fenced: one statement,
     # however many files.
     assert len(statements) == 1, statements
+
+
+async def test_api_commits_wait_for_the_disk_and_the_workers_do_not(client: httpx.AsyncClient) -> None:
+    # What a caller is told is durable; the worker's commits are redone if a database crash loses them (app.main).
+    settings = {}
+    for pool in ("engine", "worker_engine"):
+        async with getattr(client.app.state, pool).connect() as connection:  # type: ignore[attr-defined]
+            settings[pool] = await connection.scalar(text("SHOW synchronous_commit"))
+    assert settings == {"engine": "on", "worker_engine": "off"}
