@@ -58,9 +58,10 @@ async def get_tpm(vm_uuid: UUID, session: SessionDep) -> TpmWithFilesOut:
         "Answers 202 at once with the removal job (`Location: /jobs/{id}`); the job deletes the TPM's "
         "files on every host, then the database records and the key binding in one transaction. "
         "While a removal of this VM is queued or running, answers 202 with that same job. "
-        "404 when the VM is unknown, or has no TPM and no removal under way."
+        "404 when the VM is unknown, or has no TPM and no removal under way. 409, seldom, when the VM's TPM "
+        "was created or removed under the request again and again: ask again."
     ),
-    responses=problem_responses(404, 422),
+    responses=problem_responses(404, 409, 422),
 )
 async def remove_tpm(vm_uuid: UUID, connection: AutocommitConnectionDep) -> Response:
     job, _created = await removal.request_removal(connection, vm_uuid)
