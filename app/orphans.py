@@ -31,7 +31,7 @@ WHERE uuid IN (
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
-RETURNING uuid, host_uuid, vm_uuid, path, type
+RETURNING uuid, host_uuid, vm_uuid, job_id, path, type
 """)
 
 _CONFIRM = text("""
@@ -73,17 +73,22 @@ async def list_orphans(
 
 @dataclass(frozen=True)
 class _OrphanGroup:
-    """Due orphans of one VM on one host: the protocol's one delete call."""
+    """Due orphans one removal job left of one VM on one host: the protocol's one delete call."""
 
     host_uuid: UUID
     vm_uuid: UUID
+    job_id: UUID | None
     agent_url: str
     uuids: list[UUID]
     files: list[FileToDelete]
 
+    def log_fields(self) -> dict[str, str]:
+        """The fields every log line about this retry carries: the job, VM and host, as the job's own lines."""
+        return {"job_id": str(self.job_id), "vm_uuid": str(self.vm_uuid), "host_uuid": str(self.host_uuid)}
+
 
 class OrphanReaper:
-    """Retries due orphan files, one call per host and VM, all hosts at once."""
+    """Retries due orphan files, one call per host, VM and job, all hosts at once."""
 
     def __init__(
         self,
@@ -115,11 +120,11 @@ class OrphanReaper:
             host_uuids = {row.host_uuid for row in rows}
             hosts = await session.execute(select(Host.uuid, Host.agent_url).where(Host.uuid.in_(host_uuids)))
             urls = {host_uuid: agent_url for host_uuid, agent_url in hosts}
-        grouped: dict[tuple[UUID, UUID], _OrphanGroup] = {}
+        grouped: dict[tuple[UUID, UUID, UUID | None], _OrphanGroup] = {}
         for row in rows:
-            key = (row.host_uuid, row.vm_uuid)
+            key = (row.host_uuid, row.vm_uuid, row.job_id)
             if key not in grouped:
-                grouped[key] = _OrphanGroup(row.host_uuid, row.vm_uuid, urls[row.host_uuid], [], [])
+                grouped[key] = _OrphanGroup(row.host_uuid, row.vm_uuid, row.job_id, urls[row.host_uuid], [], [])
             grouped[key].uuids.append(row.uuid)
             grouped[key].files.append(FileToDelete(path=row.path, type=row.type))
         return list(grouped.values())
@@ -130,27 +135,13 @@ class OrphanReaper:
             await self._record(token, group, result)
         except Exception as error:
             # The claim's hold runs out and the orphans come due again: nothing is lost.
-            log.warning(
-                "could not record orphan retry",
-                extra={
-                    "host_uuid": str(group.host_uuid),
-                    "vm_uuid": str(group.vm_uuid),
-                    "reason": repr(error),
-                },
-            )
+            log.warning("could not record orphan retry", extra={**group.log_fields(), "reason": repr(error)})
 
     async def _record(self, token: UUID, group: _OrphanGroup, result: HostDeleteResult) -> None:
         async with self._sessions() as session, session.begin():
             if result.ok:
                 await session.execute(_CONFIRM, {"uuids": group.uuids, "token": token})
-                log.info(
-                    "orphan files deleted",
-                    extra={
-                        "host_uuid": str(group.host_uuid),
-                        "vm_uuid": str(group.vm_uuid),
-                        "files": len(group.uuids),
-                    },
-                )
+                log.info("orphan files deleted", extra={**group.log_fields(), "files": len(group.uuids)})
                 return
             await session.execute(
                 _BACK_OFF,
@@ -164,11 +155,5 @@ class OrphanReaper:
                 },
             )
         log.warning(
-            "orphan retry failed",
-            extra={
-                "host_uuid": str(group.host_uuid),
-                "vm_uuid": str(group.vm_uuid),
-                "files": len(group.uuids),
-                "reason": result.error,
-            },
+            "orphan retry failed", extra={**group.log_fields(), "files": len(group.uuids), "reason": result.error}
         )

@@ -43,7 +43,7 @@ async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(se
             return (await harness.job_host_states(job_id)).get(failing.uuid) == "failed"
 
         await wait_until(failing_host_recorded, timeout=30, what="the failing host's outcome is recorded")
-        # Whenever it lands, even inside a transaction: the server ends a stalled process's idle transaction.
+        # Whenever it lands: a process stalled inside a transaction has it ended by the server.
         first.send(signal.SIGSTOP)
         second = await harness.start_service(**SURVIVOR)
 
@@ -52,7 +52,7 @@ async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(se
         assert await harness.job_host_states(job_id) == {held.uuid: "deleted", failing.uuid: "failed"}
         await second.wait_logged("job succeeded", job_id=job_id)
         before = await snapshot(harness, vm, job_id)
-        retries_before = len(first.logged("orphan retry failed"))
+        retries_before = len(first.logged("orphan retry failed", job_id=job_id))
 
         first.send(signal.SIGCONT)
         gate.set()  # the stalled process's call comes back now (confirmed, or timed out while it slept)
@@ -67,7 +67,7 @@ async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(se
         )
         # Its loops have gone round again since (its reaper retried the orphans): it had every chance to write.
         await wait_until(
-            lambda: len(first.logged("orphan retry failed")) > retries_before,
+            lambda: len(first.logged("orphan retry failed", job_id=job_id)) > retries_before,
             timeout=60,
             what="the resumed process retries orphans",
         )
