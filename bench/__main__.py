@@ -144,6 +144,10 @@ def describe_cpu(name: str, cpu_seconds: float, count: int, seconds: float, unit
 
 async def run(args: argparse.Namespace) -> None:
     """Set everything up, measure each figure, print the report."""
+    # Stopped from outside (a CI timeout, kill), it cleans up as after Ctrl-C: no PostgreSQL, service or agent left.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     for line in machine():
         report(line)
     report(f"command: {' '.join(['python -m bench', *sys.argv[1:]])}")
@@ -348,9 +352,14 @@ def main() -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(run(args))
+        runner = asyncio.run
     else:
-        uvloop.run(run(args))
+        runner = uvloop.run
+    try:
+        runner(run(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        report("interrupted; everything the benchmark started is stopped")
+        sys.exit(130)
 
 
 if __name__ == "__main__":
