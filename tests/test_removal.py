@@ -176,7 +176,10 @@ async def test_concurrent_deletes_share_one_job_and_call_each_host_once(
             host = await put_host(client, url)
             for f in make_files(root, vm, "tpm2-00.permall", "nvram.fd"):
                 await add_file(client, vm, host, f, type="NvRam" if f.name == "nvram.fd" else "TpmState")
+        # The job stays running until every DELETE is answered: one that ended meanwhile would rightly answer 404.
+        agent_a.hold.clear()
         answers = await asyncio.gather(*(client.delete(f"/vms/{vm}/tpm") for _ in range(40)))
+        agent_a.hold.set()
         assert {a.status_code for a in answers} == {202}
         job_ids = {a.json()["id"] for a in answers}
         assert len(job_ids) == 1
