@@ -122,9 +122,9 @@ def _as_sql(clause: ColumnElement[bool]) -> str:
     return str(clause.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))  # type: ignore[no-untyped-call]
 
 
-# Each step of a job that writes is one fenced statement (app/jobs.py): its first CTE, `job`, updates the job
-# row under the claim's token, and every other change is joined to it, so a lost lease changes nothing and the
-# statement answers no row. Data-modifying CTEs all read the snapshot the statement started with; each step
+# Each step of a job that writes is one fenced statement (app/jobs.py): its CTE `job` updates the job row under
+# the claim's token, and every other change is joined to it, so a lost lease changes nothing and the statement
+# answers no row. Data-modifying CTEs all read the snapshot the statement started with; each step
 # below therefore works from what it reads and from its parameters, never from another CTE's effects.
 
 # The plan: fence, then once per job (a resumed job keeps its own) copy its files and count them per host, and
@@ -158,21 +158,23 @@ FROM job LEFT JOIN (pending JOIN hosts ON hosts.uuid = pending.host_uuid) ON tru
 ORDER BY pending.host_uuid, pending.path
 """)
 
-# Host outcomes as parameters: three arrays of the same length.
+# Host outcomes as parameters (three arrays of the same length), and their recording on the job's pending hosts
+# once `job` matched.
 _OUTCOMES = """outcome AS (
     SELECT * FROM unnest(CAST(:hosts AS uuid[]), CAST(:states AS text[]), CAST(:errors AS text[]))
         AS outcome(host_uuid, state, error)
+)"""
+_RECORDED = """recorded AS (
+    UPDATE job_hosts SET state = outcome.state, error = outcome.error
+    FROM job, outcome
+    WHERE job_hosts.job_id = job.id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
 )"""
 
 # Host outcomes that land while other hosts of the job are still being called.
 _RECORD_OUTCOMES = text(f"""
 WITH job AS (
     UPDATE jobs SET {RENEWED_LEASE} WHERE {FENCED} RETURNING id
-), {_OUTCOMES}, recorded AS (
-    UPDATE job_hosts SET state = outcome.state, error = outcome.error
-    FROM job, outcome
-    WHERE job_hosts.job_id = job.id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
-)
+), {_OUTCOMES}, {_RECORDED}
 SELECT id FROM job
 """)
 
@@ -196,12 +198,8 @@ WITH {_OUTCOMES}, host_outcome AS (
     UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_token = NULL, lease_expires_at = NULL,
         error = NULL, orphan_files = (SELECT count(*) FROM files WHERE state <> 'deleted')
     WHERE {FENCED}
-    RETURNING orphan_files
-), recorded AS (
-    UPDATE job_hosts SET state = outcome.state, error = outcome.error
-    FROM job, outcome
-    WHERE job_hosts.job_id = :job_id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
-), orphans AS (
+    RETURNING id, orphan_files
+), {_RECORDED}, orphans AS (
     INSERT INTO orphan_files (uuid, host_uuid, vm_uuid, job_id, path, type, attempts, last_error, next_attempt_at)
     SELECT files.file_uuid, files.host_uuid, :vm_uuid, :job_id, files.path, files.type,
            1, files.error, now() + :retry * interval '1 second'

@@ -21,7 +21,7 @@ _INSERT = text("INSERT INTO bench_baseline (id) VALUES (:id)")
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Create the engine (pool sized like the service's) and the table."""
+    """Create the engine (its pool fixed and sized like each of the service's) and the table."""
     engine = create_async_engine(
         os.environ["DATABASE_URL"], pool_size=int(os.environ.get("DB_POOL_SIZE", "20")), max_overflow=0
     )
