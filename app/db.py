@@ -99,14 +99,6 @@ async def autocommit_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConne
         yield connection
 
 
-@asynccontextmanager
-async def autocommit_session(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """A new session whose statements commit one by one (see AUTOCOMMIT)."""
-    async with sessions() as session:
-        await session.connection(execution_options=AUTOCOMMIT)
-        yield session
-
-
 def is_database_unavailable(error: BaseException) -> bool:
     """Whether an error means the database could not be reached, as opposed to a bad statement."""
     if isinstance(error, sa_exc.DBAPIError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.errors import NotFoundError
 from app.models import Job, JobHost
@@ -88,9 +88,9 @@ class JobClaim:
         return {"job_id": str(self.job_id), "vm_uuid": str(self.vm_uuid)}
 
 
-async def claim_jobs(session: AsyncSession, *, limit: int, lease_seconds: float) -> list[JobClaim]:
+async def claim_jobs(connection: AsyncConnection, *, limit: int, lease_seconds: float) -> list[JobClaim]:
     """Claim up to `limit` jobs that are queued, or running under a lease that ran out."""
-    rows = await session.execute(_CLAIM, {"limit": limit, "lease": lease_seconds})
+    rows = await connection.execute(_CLAIM, {"limit": limit, "lease": lease_seconds})
     return [JobClaim(r.id, r.vm_uuid, r.tpm_uuid, r.lease_token, r.attempts) for r in rows]
 
 

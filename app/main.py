@@ -60,7 +60,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # synchronous: what a caller is told (202 with a job, 201 with a record) is on disk, and each such commit
     # makes every earlier worker commit durable too.
     worker_engine = new_engine(synchronous_commit=False)
-    sessions, worker_sessions = create_session_factory(engine), create_session_factory(worker_engine)
+    sessions = create_session_factory(engine)
     http = agent_session(settings.agent_concurrency)
     agent = AgentClient(
         http,
@@ -71,10 +71,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     notifications = Notifications(asyncpg_dsn(database_url))
     listener = asyncio.create_task(notifications.run(), name="listen")
     worker = Worker(
-        worker_sessions,
+        worker_engine,
         Removal(worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds),
         OrphanReaper(
-            worker_sessions,
+            create_session_factory(worker_engine),
             agent,
             retry_seconds=settings.orphan_retry_seconds,
             retry_max_seconds=settings.orphan_retry_max_seconds,

@@ -8,9 +8,9 @@ import logging
 import time
 from uuid import UUID
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import autocommit_session, is_database_unavailable
+from app.db import autocommit_connection, create_session_factory, is_database_unavailable
 from app.errors import LeaseLostError
 from app.jobs import JobClaim, claim_jobs, record_job_failure, release_job, renew_leases
 from app.metrics import JOBS_TOTAL, refresh_gauges
@@ -28,7 +28,7 @@ class Worker:
 
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        engine: AsyncEngine,
         removal: Removal,
         reaper: OrphanReaper,
         notifications: Notifications,
@@ -38,7 +38,8 @@ class Worker:
         max_jobs: int,
         max_failures: int,
     ) -> None:
-        self._sessions = sessions
+        self._engine = engine
+        self._sessions = create_session_factory(engine)
         self._removal = removal
         self._reaper = reaper
         self._notifications = notifications
@@ -103,8 +104,8 @@ class Worker:
             claims: list[JobClaim] = []
             if free > 0:
                 try:
-                    async with autocommit_session(self._sessions) as session:  # one statement
-                        claims = await claim_jobs(session, limit=free, lease_seconds=self._lease_seconds)
+                    async with autocommit_connection(self._engine) as connection:  # one statement
+                        claims = await claim_jobs(connection, limit=free, lease_seconds=self._lease_seconds)
                 except Exception as error:
                     _log_loop_error("claim", error)
                 for claim in claims:

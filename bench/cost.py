@@ -13,7 +13,7 @@ import aiohttp
 from sqlalchemy import Connection, event
 
 from app.agent_client import AgentClient
-from app.db import autocommit_connection, autocommit_session, create_engine, create_session_factory
+from app.db import autocommit_connection, create_engine
 from app.jobs import claim_jobs
 from app.removal import LeaseClock, Removal, request_removal
 from bench.seed import FileSpec, Seeder
@@ -58,7 +58,6 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
         if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
             transactions[step] += 1
 
-    sessions = create_session_factory(engine)
     async with aiohttp.ClientSession() as http:
         agent = AgentClient(http, timeout_seconds=10, concurrency=64)
         removal = Removal(engine, agent, orphan_retry_seconds=30)
@@ -71,8 +70,8 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
                 async with autocommit_connection(engine) as connection:
                     await request_removal(connection, vm_uuid)
                 step = "claim"
-                async with autocommit_session(sessions) as session:
-                    (claim,) = await claim_jobs(session, limit=1, lease_seconds=_LEASE_SECONDS)
+                async with autocommit_connection(engine) as connection:
+                    (claim,) = await claim_jobs(connection, limit=1, lease_seconds=_LEASE_SECONDS)
                 lease = LeaseClock(_LEASE_SECONDS)
                 step = "plan"
                 plan = await removal.plan_removal(claim, lease)

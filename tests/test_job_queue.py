@@ -28,9 +28,9 @@ def removal_of(client: httpx.AsyncClient) -> Removal:
 
 async def claim(client: httpx.AsyncClient, job_id: str) -> JobClaim:
     """Claim exactly this job, as a worker would: it is put first in line, and one job is claimed."""
-    async with sessions_of(client)() as session, session.begin():
-        await session.execute(text("UPDATE jobs SET run_after = '-infinity' WHERE id = :j"), {"j": job_id})
-        claims = await claim_jobs(session, limit=1, lease_seconds=LEASE)
+    async with client.app.state.engine.begin() as connection:  # type: ignore[attr-defined]
+        await connection.execute(text("UPDATE jobs SET run_after = '-infinity' WHERE id = :j"), {"j": job_id})
+        claims = await claim_jobs(connection, limit=1, lease_seconds=LEASE)
     assert [str(c.job_id) for c in claims] == [job_id]
     return claims[0]
 
