@@ -339,6 +339,14 @@ class FaultHarness:
         rows = await self.rows("SELECT host_uuid, state FROM job_hosts WHERE job_id = :id", id=job_id)
         return {str(r.host_uuid): r.state for r in rows}
 
+    async def wait_for_host_state(self, job_id: str, host_uuid: str, state: str) -> None:
+        """Wait until the job has recorded its call to this host as `state` (deleted, failed)."""
+
+        async def recorded() -> bool:
+            return (await self.job_host_states(job_id)).get(host_uuid) == state
+
+        await wait_until(recorded, timeout=30, what=f"host {host_uuid} is recorded {state}")
+
     async def wait_for_job_state(self, job_id: str, state: str, *, timeout: float = 60.0) -> Row[Any]:
         """Wait until the job is in `state`; its row."""
 

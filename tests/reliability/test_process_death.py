@@ -25,11 +25,7 @@ async def test_killed_while_a_host_call_is_held_the_next_process_finishes_the_jo
 
         job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
         await wait_until(lambda: held.agent.open_requests(), timeout=60, what="the held host is called")
-
-        async def quick_host_recorded() -> bool:
-            return (await harness.job_host_states(job_id)).get(quick.uuid) == "deleted"
-
-        await wait_until(quick_host_recorded, timeout=30, what="the quick host's outcome is recorded")
+        await harness.wait_for_host_state(job_id, quick.uuid, "deleted")
         await first.kill()
         gate.set()
         second = await harness.start_service(**SURVIVOR)

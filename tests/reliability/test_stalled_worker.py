@@ -38,11 +38,7 @@ async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(se
 
         job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
         await wait_until(lambda: held.agent.open_requests(), timeout=60, what="the held host is called")
-
-        async def failing_host_recorded() -> bool:
-            return (await harness.job_host_states(job_id)).get(failing.uuid) == "failed"
-
-        await wait_until(failing_host_recorded, timeout=30, what="the failing host's outcome is recorded")
+        await harness.wait_for_host_state(job_id, failing.uuid, "failed")
         # Whenever it lands: a process stalled inside a transaction has it ended by the server.
         first.send(signal.SIGSTOP)
         second = await harness.start_service(**SURVIVOR)
