@@ -1,13 +1,15 @@
 """The database engine and session factory, and how a settings object becomes a database URL."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event, make_url, text
+from sqlalchemy import TextClause, event, make_url, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from app.embedded_db import start_embedded_postgres
@@ -97,6 +99,82 @@ async def autocommit_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConne
     async with engine.connect() as connection:
         await connection.execution_options(**AUTOCOMMIT)
         yield connection
+
+
+@dataclass(frozen=True)
+class DriverStatement:
+    """A fixed statement that runs on asyncpg itself, past SQLAlchemy's execution layer.
+
+    For the few statements every removal runs (queue, claim, plan, cleanup): SQLAlchemy's execution of a statement
+    costs about 75 µs of CPU more than asyncpg's own, a sixth of what the service spends on a removal
+    (docs/BENCHMARK.md). The statement is written as a `text()` with named parameters like every other and compiled
+    once into asyncpg's numbered ones. It runs on a connection of the engine's pool (`driver_connection`), so
+    pooling, timeouts and the replacement of closed connections stay the engine's.
+    """
+
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, clause: TextClause) -> "DriverStatement":
+        """Compile `clause` for asyncpg."""
+        compiled = clause.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
+        return cls(str(compiled), tuple(compiled.positiontup or ()))
+
+    async def fetch(self, connection: asyncpg.Connection, params: Mapping[str, Any]) -> list[asyncpg.Record]:
+        """Run the statement with `params` (by name) and return its rows."""
+        rows: list[asyncpg.Record] = await connection.fetch(self.sql, *(params[name] for name in self.names))
+        return rows
+
+
+async def driver_of(connection: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under `connection`, to run DriverStatements on it.
+
+    Outside a transaction (a fresh connection, or one under AUTOCOMMIT) each statement run on it commits alone.
+    """
+    pooled = await connection.get_raw_connection()
+    driver: asyncpg.Connection = pooled.driver_connection
+    return driver
+
+
+@asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the engine's pool as asyncpg's own, outside any transaction: each statement commits alone."""
+    async with engine.connect() as connection:
+        yield await driver_of(connection)
+
+
+@asynccontextmanager
+async def recorded_statements(engine: AsyncEngine) -> AsyncIterator[list[tuple[str, tuple[Any, ...]]]]:
+    """Every statement sent on connections the engine hands out while the block runs, with its parameter values:
+    SQLAlchemy's and DriverStatements' alike. For the tests and the benchmark that count a job's statements."""
+    statements: list[tuple[str, tuple[Any, ...]]] = []
+    logged: set[asyncpg.Connection] = set()
+
+    def on_sqlalchemy(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        values = parameters.values() if isinstance(parameters, dict) else parameters or ()
+        statements.append((statement, tuple(values)))
+
+    def on_driver(query: asyncpg.connection.LoggedQuery) -> None:
+        statements.append((query.query, tuple(query.args)))
+
+    def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        driver = dbapi_connection.driver_connection
+        if driver not in logged:
+            driver.add_query_logger(on_driver)
+            logged.add(driver)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", on_sqlalchemy)
+    event.listen(engine.sync_engine.pool, "checkout", on_checkout)
+    try:
+        yield statements
+    finally:
+        # asyncpg calls its query loggers soon after each statement, not during it.
+        await asyncio.sleep(0)
+        event.remove(engine.sync_engine.pool, "checkout", on_checkout)
+        event.remove(engine.sync_engine, "before_cursor_execute", on_sqlalchemy)
+        for driver in logged:
+            driver.remove_query_logger(on_driver)
 
 
 def is_database_unavailable(error: BaseException) -> bool:

@@ -11,9 +11,11 @@ its own around it: the job's writes run one round trip each (see app/removal.py 
 from dataclasses import dataclass
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import DriverStatement
 from app.errors import NotFoundError
 from app.models import Job, JobHost
 from app.pagination import Page, cursor_uuid, decode_cursor, page_of
@@ -24,7 +26,8 @@ FENCED = "jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'runn
 # What a fenced write that goes on with the job sets: the lease, renewed from now.
 RENEWED_LEASE = "lease_expires_at = now() + :lease * interval '1 second'"
 
-_CLAIM = text(f"""
+_CLAIM = DriverStatement.of(
+    text(f"""
 UPDATE jobs SET
     state = 'running',
     lease_token = gen_random_uuid(),
@@ -41,6 +44,7 @@ WHERE id IN (
 )
 RETURNING id, vm_uuid, tpm_uuid, lease_token, attempts
 """)
+)
 
 _RENEW = text(f"""
 UPDATE jobs SET {RENEWED_LEASE}
@@ -88,10 +92,11 @@ class JobClaim:
         return {"job_id": str(self.job_id), "vm_uuid": str(self.vm_uuid)}
 
 
-async def claim_jobs(connection: AsyncConnection, *, limit: int, lease_seconds: float) -> list[JobClaim]:
-    """Claim up to `limit` jobs that are queued, or running under a lease that ran out."""
-    rows = await connection.execute(_CLAIM, {"limit": limit, "lease": lease_seconds})
-    return [JobClaim(r.id, r.vm_uuid, r.tpm_uuid, r.lease_token, r.attempts) for r in rows]
+async def claim_jobs(connection: asyncpg.Connection, *, limit: int, lease_seconds: float) -> list[JobClaim]:
+    """Claim up to `limit` jobs that are queued, or running under a lease that ran out (one statement, which
+    commits alone on a connection of `app.db.driver_connection`)."""
+    rows = await _CLAIM.fetch(connection, {"limit": limit, "lease": lease_seconds})
+    return [JobClaim(r["id"], r["vm_uuid"], r["tpm_uuid"], r["lease_token"], r["attempts"]) for r in rows]
 
 
 async def renew_leases(session: AsyncSession, claims: list[JobClaim], *, lease_seconds: float) -> set[UUID]:

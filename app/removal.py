@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import ColumnElement, Row, TextClause, bindparam, select, text
+import asyncpg
+from sqlalchemy import ColumnElement, bindparam, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from app.agent_client import AgentClient, FileToDelete, HostDeleteResult
-from app.db import autocommit_connection
+from app.db import DriverStatement, driver_connection, driver_of
 from app.errors import ConflictError, LeaseLostError, NotFoundError
 from app.inventory import removed_with_tpm
 from app.jobs import FENCED, RENEWED_LEASE, JobClaim, get_job, job_out
@@ -38,13 +39,16 @@ _REQUEST_ATTEMPTS = 3
 # The job of a removal, inserted only while the VM has a TPM and no removal under way. The TPM row is locked, so
 # that a TPM being deleted by a finishing removal yields no job rather than one for a TPM that is gone; the
 # partial unique index of active jobs (named by its predicate, ACTIVE_JOB) turns a removal already queued into no
-# row too. It is the whole of the common DELETE: one constant statement, its row read without the ORM.
-_QUEUE_REMOVAL = text(f"""
+# row too. It is the whole of the common DELETE: one constant statement, run on asyncpg and its row read without
+# the ORM.
+_QUEUE_REMOVAL = DriverStatement.of(
+    text(f"""
 INSERT INTO jobs (id, vm_uuid, tpm_uuid)
 SELECT :job_id, tpms.vm_uuid, tpms.uuid FROM tpms WHERE tpms.vm_uuid = :vm_uuid FOR UPDATE
 ON CONFLICT (vm_uuid) WHERE {ACTIVE_JOB.text} DO NOTHING
 RETURNING *
 """)
+)
 
 # Why no job was inserted.
 _REMOVAL_STATE = select(
@@ -61,10 +65,10 @@ async def request_removal(connection: AsyncConnection, vm_uuid: UUID) -> tuple[J
     common case is the insert alone, one round trip. However many requests arrive at once, in every replica, the
     unique index lets exactly one job in; the others read it back.
     """
+    driver = await driver_of(connection)
     for _ in range(_REQUEST_ATTEMPTS):
-        row = (await connection.execute(_QUEUE_REMOVAL, {"job_id": uuid4(), "vm_uuid": vm_uuid})).one_or_none()
-        if row is not None:
-            return job_out(Job(**row._mapping), hosts=[]), True
+        if queued := await _QUEUE_REMOVAL.fetch(driver, {"job_id": uuid4(), "vm_uuid": vm_uuid}):
+            return job_out(Job(**queued[0]), hosts=[]), True
         vm, active, tpm = (await connection.execute(_REMOVAL_STATE, {"vm_uuid": vm_uuid})).one()
         if active is not None:
             async with AsyncSession(bind=connection) as session:
@@ -130,7 +134,8 @@ def _as_sql(clause: ColumnElement[bool]) -> str:
 # The plan: fence, then once per job (a resumed job keeps its own) copy its files and count them per host, and
 # answer the files of the hosts still pending. It selects with the same expression that `GET /vms/{uuid}/tpm`
 # previews with. `before` is the job row as the statement found it: whether it was planned already.
-_PLAN = text(f"""
+_PLAN = DriverStatement.of(
+    text(f"""
 WITH job AS (
     UPDATE jobs SET {RENEWED_LEASE}, planned = true
     FROM jobs AS before
@@ -157,12 +162,14 @@ SELECT pending.host_uuid, hosts.agent_url, pending.path, pending.type
 FROM job LEFT JOIN (pending JOIN hosts ON hosts.uuid = pending.host_uuid) ON true
 ORDER BY pending.host_uuid, pending.path
 """)
+)
 
 # Host outcomes as parameters (three arrays of the same length), and their recording on the job's pending hosts
-# once `job` matched.
+# once `job` matched. The host UUIDs come as text: asyncpg knows text[] from the start, but would look uuid[] up on
+# each new connection, three more round trips inside the job's statement.
 _OUTCOMES = """outcome AS (
-    SELECT * FROM unnest(CAST(:hosts AS uuid[]), CAST(:states AS text[]), CAST(:errors AS text[]))
-        AS outcome(host_uuid, state, error)
+    SELECT CAST(host AS uuid) AS host_uuid, state, error
+    FROM unnest(CAST(:hosts AS text[]), CAST(:states AS text[]), CAST(:errors AS text[])) AS outcome(host, state, error)
 )"""
 _RECORDED = """recorded AS (
     UPDATE job_hosts SET state = outcome.state, error = outcome.error
@@ -171,17 +178,20 @@ _RECORDED = """recorded AS (
 )"""
 
 # Host outcomes that land while other hosts of the job are still being called.
-_RECORD_OUTCOMES = text(f"""
+_RECORD_OUTCOMES = DriverStatement.of(
+    text(f"""
 WITH job AS (
     UPDATE jobs SET {RENEWED_LEASE} WHERE {FENCED} RETURNING id
 ), {_OUTCOMES}, {_RECORDED}
 SELECT id FROM job
 """)
+)
 
 # The cleanup, the job's database work after its host calls, in one statement however many files and hosts it
 # has: the last host outcomes recorded, orphans and confirmations recorded from every host's outcome, file
 # records, key binding and TPM deleted, and the job succeeded, which is also its fence.
-_CLEANUP = text(f"""
+_CLEANUP = DriverStatement.of(
+    text(f"""
 WITH {_OUTCOMES}, host_outcome AS (
     SELECT job_hosts.host_uuid,
            CASE WHEN outcome.host_uuid IS NULL THEN job_hosts.state ELSE outcome.state END AS state,
@@ -219,11 +229,12 @@ WITH {_OUTCOMES}, host_outcome AS (
 )
 SELECT orphan_files FROM job
 """)
+)
 
 
 def _outcome_params(outcomes: Sequence[tuple[UUID, HostDeleteResult]]) -> dict[str, list[Any]]:
     return {
-        "hosts": [host for host, _ in outcomes],
+        "hosts": [str(host) for host, _ in outcomes],
         "states": ["deleted" if result.ok else "failed" for _, result in outcomes],
         "errors": [result.error for _, result in outcomes],
     }
@@ -244,14 +255,13 @@ class Removal:
         return await self.commit_cleanup(claim, lease, last_outcomes)
 
     async def _fenced(
-        self, claim: JobClaim, lease: LeaseClock, statement: TextClause, params: dict[str, Any]
-    ) -> Sequence[Row[Any]]:
+        self, claim: JobClaim, lease: LeaseClock, statement: DriverStatement, params: dict[str, Any]
+    ) -> list[asyncpg.Record]:
         """Run one fenced statement on its own (no transaction around it); its rows, or LeaseLostError if none."""
         sent_at = time.monotonic()
         # Every statement of a job is fenced and atomic by itself: none needs a transaction around it.
-        async with autocommit_connection(self._engine) as connection:
-            result = await connection.execute(statement, {**claim.fence_params(lease.lease_seconds), **params})
-            rows = result.all()
+        async with driver_connection(self._engine) as connection:
+            rows = await statement.fetch(connection, {**claim.fence_params(lease.lease_seconds), **params})
         if not rows:
             lease.lose()
             raise LeaseLostError(f"job {claim.job_id}: lease was taken over")
@@ -262,13 +272,13 @@ class Removal:
         """Record the job's files and hosts once (a resumed job keeps its plan); the hosts still pending."""
         rows = await self._fenced(claim, lease, _PLAN, {"vm_uuid": claim.vm_uuid})
         plans: dict[UUID, HostPlan] = {}
-        for row in rows:
-            if row.host_uuid is None:  # the job has no file (left) to delete
+        for host_uuid, agent_url, path, file_type in rows:
+            if host_uuid is None:  # the job has no file (left) to delete
                 continue
-            plan = plans.get(row.host_uuid)
+            plan = plans.get(host_uuid)
             if plan is None:
-                plan = plans[row.host_uuid] = HostPlan(row.host_uuid, row.agent_url, [])
-            plan.files.append(FileToDelete(path=row.path, type=row.type))
+                plan = plans[host_uuid] = HostPlan(host_uuid, agent_url, [])
+            plan.files.append(FileToDelete(path=path, type=file_type))
         return list(plans.values())
 
     async def delete_on_hosts(
@@ -322,7 +332,7 @@ class Removal:
             **_outcome_params(last_outcomes),
         }
         (row,) = await self._fenced(claim, lease, _CLEANUP, params)
-        return int(row.orphan_files)
+        return int(row["orphan_files"])
 
 
 class _OutcomeRecorder:

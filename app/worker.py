@@ -10,7 +10,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import autocommit_connection, create_session_factory, is_database_unavailable
+from app.db import create_session_factory, driver_connection, is_database_unavailable
 from app.errors import LeaseLostError
 from app.jobs import JobClaim, claim_jobs, record_job_failure, release_job, renew_leases
 from app.metrics import JOBS_TOTAL, refresh_gauges
@@ -104,7 +104,7 @@ class Worker:
             claims: list[JobClaim] = []
             if free > 0:
                 try:
-                    async with autocommit_connection(self._engine) as connection:  # one statement
+                    async with driver_connection(self._engine) as connection:
                         claims = await claim_jobs(connection, limit=free, lease_seconds=self._lease_seconds)
                 except Exception as error:
                     _log_loop_error("claim", error)

@@ -172,7 +172,7 @@ async def run(args: argparse.Namespace) -> None:
         slow_hosts = await seeder.hosts(slow_urls)
 
         report()
-        report("== 3. cost per job (Removal run in-process, statements counted by before_cursor_execute)")
+        report("== 3. cost per job (Removal run in-process, statements counted by app.db.recorded_statements)")
         layouts = [
             [FileSpec(fast_hosts[0], "TpmState")],
             [FileSpec(fast_hosts[i % len(fast_hosts)], "TpmState") for i in range(COST_LARGE_FILES)],

@@ -1,19 +1,21 @@
 """Cost per job: how many SQL statements (and transactions) each step of a removal executes, per VM layout.
 
-Runs `app.removal.Removal` in this process, without HTTP, on an engine whose statements are counted by a
-`before_cursor_execute` listener (and transactions by a `begin` listener), against agents of the fleet.
+Runs `app.removal.Removal` in this process, without HTTP, on an engine whose statements are counted by
+`app.db.recorded_statements` (a `before_cursor_execute` listener for SQLAlchemy's statements, asyncpg's query
+logger for the DriverStatements that run past it) and transactions by a `begin` listener, against agents of the
+fleet.
 """
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from sqlalchemy import Connection, event
 
 from app.agent_client import AgentClient
-from app.db import autocommit_connection, create_engine
+from app.db import autocommit_connection, create_engine, driver_connection, recorded_statements
 from app.jobs import claim_jobs
 from app.removal import LeaseClock, Removal, request_removal
 from bench.seed import FileSpec, Seeder
@@ -48,9 +50,13 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
     statements: Counter[str] = Counter()
     transactions: Counter[str] = Counter()
 
-    @event.listens_for(engine.sync_engine, "before_cursor_execute")
-    def count_statement(*_args: Any) -> None:
-        statements[step] += 1
+    @asynccontextmanager
+    async def counted(name: str) -> AsyncIterator[None]:
+        nonlocal step
+        step = name
+        async with recorded_statements(engine) as sent:
+            yield
+        statements[name] += len(sent)
 
     @event.listens_for(engine.sync_engine, "begin")
     def count_transaction(connection: Connection) -> None:
@@ -66,19 +72,18 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
                 (vm_uuid,) = await seeder.vms([layout])
                 statements, transactions = Counter(), Counter()
                 # The request and the claim run as the route and the worker run them.
-                step = "request"
-                async with autocommit_connection(engine) as connection:
+                async with counted("request"), autocommit_connection(engine) as connection:
                     await request_removal(connection, vm_uuid)
-                step = "claim"
-                async with autocommit_connection(engine) as connection:
+                async with counted("claim"), driver_connection(engine) as connection:
                     (claim,) = await claim_jobs(connection, limit=1, lease_seconds=_LEASE_SECONDS)
                 lease = LeaseClock(_LEASE_SECONDS)
-                step = "plan"
-                plan = await removal.plan_removal(claim, lease)
-                step = "host_calls"
-                last_outcomes = await removal.delete_on_hosts(claim, lease, plan)
-                step = "cleanup"
-                if orphans := await removal.commit_cleanup(claim, lease, last_outcomes):
+                async with counted("plan"):
+                    plan = await removal.plan_removal(claim, lease)
+                async with counted("host_calls"):
+                    last_outcomes = await removal.delete_on_hosts(claim, lease, plan)
+                async with counted("cleanup"):
+                    orphans = await removal.commit_cleanup(claim, lease, last_outcomes)
+                if orphans:
                     raise RuntimeError(f"cost run left {orphans} orphan files: the agents did not confirm")
                 costs.append(JobCost(len(layout), len(plan), statements, transactions))
         finally:

@@ -8,9 +8,10 @@ import httpx
 import pytest
 from agent_helpers import running_recording_agent
 from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import driver_of, recorded_statements
 from app.errors import LeaseLostError
 from app.jobs import JobClaim, claim_jobs
 from app.removal import LeaseClock, Removal
@@ -30,7 +31,7 @@ async def claim(client: httpx.AsyncClient, job_id: str) -> JobClaim:
     """Claim exactly this job, as a worker would: it is put first in line, and one job is claimed."""
     async with client.app.state.engine.begin() as connection:  # type: ignore[attr-defined]
         await connection.execute(text("UPDATE jobs SET run_after = '-infinity' WHERE id = :j"), {"j": job_id})
-        claims = await claim_jobs(connection, limit=1, lease_seconds=LEASE)
+        claims = await claim_jobs(await driver_of(connection), limit=1, lease_seconds=LEASE)
     assert [str(c.job_id) for c in claims] == [job_id]
     return claims[0]
 
@@ -128,17 +129,8 @@ async def test_cleanup_runs_the_same_number_of_statements_for_any_number_of_file
         removal, lease = removal_of(client), LeaseClock(LEASE)
         last_outcomes = await removal.delete_on_hosts(job, lease, await removal.plan_removal(job, lease))
 
-        statements: list[str] = []
-        engine = client.app.state.engine.sync_engine  # type: ignore[attr-defined]
-
-        def count(*args: Any) -> None:
-            statements.append(args[2])
-
-        event.listen(engine, "before_cursor_execute", count)
-        try:
+        async with recorded_statements(client.app.state.engine) as statements:  # type: ignore[attr-defined]
             await removal.commit_cleanup(job, lease, last_outcomes)
-        finally:
-            event.remove(engine, "before_cursor_execute", count)
     # Outcomes, orphans, confirmations, file records, key binding, TPM and job, fenced: one statement,
     # however many files.
     assert len(statements) == 1, statements

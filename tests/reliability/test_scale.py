@@ -15,13 +15,13 @@ from conftest import AppFactory
 from inventory_helpers import put_vm, wait_for_job
 from problem_helpers import assert_problem
 from process_helpers import fault_harness, wait_until
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.agent_server import create_agent_app
 from app.api.limits import MAX_BODY_BYTES
 from app.audit import audit
-from app.db import asyncpg_dsn
+from app.db import asyncpg_dsn, recorded_statements
 
 pytestmark = pytest.mark.reliability
 
@@ -125,22 +125,6 @@ async def seed_files(
     return hosts, paths
 
 
-@asynccontextmanager
-async def recorded_statements(engine: AsyncEngine) -> AsyncIterator[list[tuple[str, tuple[Any, ...]]]]:
-    """Every statement the app sends while the block runs, with its parameter values."""
-    statements: list[tuple[str, tuple[Any, ...]]] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
-        values = parameters.values() if isinstance(parameters, dict) else parameters or ()
-        statements.append((statement, tuple(values)))
-
-    event.listen(engine.sync_engine, "before_cursor_execute", record)
-    try:
-        yield statements
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", record)
-
-
 def statements_of_job(statements: list[tuple[str, tuple[Any, ...]]], job_id: str) -> list[str]:
     """The statements that name `job_id` among their parameters: the job's own work."""
     job = uuid.UUID(job_id)
@@ -152,7 +136,8 @@ async def test_a_vm_with_10000_files_on_500_hosts_is_removed_in_a_bounded_number
 ) -> None:
     # A generous agent timeout: 500 calls queue behind AGENT_CONCURRENCY on a small, shared machine.
     client = await make_client(agent_timeout_seconds=60, job_lease_seconds=30, orphan_retry_seconds=600)
-    engine: AsyncEngine = client.app.state.engine  # type: ignore[attr-defined]
+    # The jobs' statements go through the worker's pool.
+    engine: AsyncEngine = client.app.state.worker_engine  # type: ignore[attr-defined]
     vm = await put_vm(client)
     async with agent_on_many_ports(tmp_path, HOSTS) as agent_urls:
         assert len(set(agent_urls)) == HOSTS
@@ -191,7 +176,7 @@ async def test_a_vm_with_10000_files_on_500_hosts_is_removed_in_a_bounded_number
     # answer together are written together: fewer statements than hosts, where writing per host would
     # take two per host and writing per file two per file.
     job_statements = statements_of_job(statements, job_id)
-    assert len(job_statements) < HOSTS, (len(job_statements), job_statements[:20])
+    assert 3 <= len(job_statements) < HOSTS, (len(job_statements), job_statements[:20])
     print(f"removed {len(paths)} files on {HOSTS} hosts in {elapsed:.1f} s with {len(job_statements)} job statements")
 
     async with client.app.state.sessions() as session:  # type: ignore[attr-defined]
