@@ -27,6 +27,7 @@ import asyncpg
 
 from app.db import asyncpg_dsn
 from app.local_stack import free_port
+from bench import loop
 from bench.cost import STEPS, measure_job_costs
 from bench.database import fresh_database, postgres_server
 from bench.fleet import agent_fleet
@@ -350,13 +351,7 @@ def main() -> None:
     """Run the benchmark, on uvloop when it is installed (as the service is)."""
     args = parse_args()
     try:
-        import uvloop
-    except ImportError:
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
-    try:
-        runner(run(args))
+        loop.run(run(args))
     except (KeyboardInterrupt, asyncio.CancelledError):
         report("interrupted; everything the benchmark started is stopped")
         sys.exit(130)

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from app.agent_client import AgentClient, FileToDelete, agent_session
+from bench import loop
 
 
 async def call_all(urls: list[str], root: Path, runs: int) -> list[float]:
@@ -40,12 +41,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
     urls = [line.strip() for line in sys.stdin if line.strip()]
-    try:
-        import uvloop
-    except ImportError:
-        seconds = asyncio.run(call_all(urls, args.root, args.runs))
-    else:
-        seconds = uvloop.run(call_all(urls, args.root, args.runs))
+    seconds = loop.run(call_all(urls, args.root, args.runs))
     print(json.dumps(seconds))
 
 
