@@ -71,7 +71,8 @@ def agent_session(concurrency: int) -> aiohttp.ClientSession:
     """The one HTTP session a process calls agents through: `concurrency` connections, kept alive between calls."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
-        # Agent calls are bounded by AgentClient; the session's own 5-minute default must not cut in first.
+        # Agent calls are bounded by AgentClient; a timer of the session's own for every call (its default is
+        # 5 minutes) would bound nothing more and cost each call another timer.
         timeout=aiohttp.ClientTimeout(total=None),
     )
 
@@ -141,17 +142,10 @@ class AgentClient:
             headers["Authorization"] = f"Bearer {self._token}"
         limit = max(_MIN_ANSWER_LIMIT, _ANSWER_LIMIT_FACTOR * len(body))
         try:
-            # The per-request ClientTimeout replaces whatever defaults the shared session carries, so
-            # that our own total (enforced by asyncio.timeout in the caller) is the one that binds.
-            # Redirects are not followed: an agent has no reason to send one, and following it would
-            # carry the bearer token to another address.
-            async with self._session.post(
-                url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=self._timeout_seconds),
-            ) as response:
+            # The call's one timer is asyncio.timeout in the caller; the session adds none of its own (see
+            # agent_session). Redirects are not followed: an agent has no reason to send one, and following it
+            # would carry the bearer token to another address.
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
                 if response.status != 200:
                     raise _CallFailed("failed", await _http_error_reason(response, limit))
                 raw = await _read_limited(response, limit)
@@ -176,8 +170,11 @@ class AgentClient:
 
 async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """Read the whole answer body, failing as soon as it grows past `limit` bytes."""
-    if response.content_length is not None and response.content_length > limit:
-        raise _CallFailed("failed", "answer too large")
+    if response.content_length is not None:
+        if response.content_length > limit:
+            raise _CallFailed("failed", "answer too large")
+        # aiohttp reads no more than the declared length.
+        return await response.read()
     data = bytearray()
     async for chunk in response.content.iter_chunked(_READ_CHUNK):
         data += chunk

@@ -7,7 +7,6 @@ cost per job and the memory growth over many removals.
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import platform
@@ -21,10 +20,12 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 
+from app.cli import tune_garbage_collector
 from app.db import asyncpg_dsn
 from app.local_stack import free_port
 from bench import loop
@@ -198,8 +199,7 @@ async def run(args: argparse.Namespace) -> None:
         http = await stack.enter_async_context(client_session(args.concurrency))
         # The simulated hosts and the client live in this process: a collector pause over the seeded inventory
         # would hold every agent's answer at once, which no fleet of real hosts does.
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+        tune_garbage_collector()
 
         report()
         report("== 2a. baseline: bare FastAPI + SQLAlchemy/asyncpg endpoint, one INSERT and commit per request")
@@ -258,11 +258,13 @@ async def run(args: argparse.Namespace) -> None:
         ratio = statistics.median(r.run_seconds for r in runs) / args.fanout_delay
         report(f"fan-out ratio (median run / one host's delay): {ratio:.2f} (goal <= {GOAL_FAN_OUT_RATIO})")
         report(f"a serial per-host loop would take at least {args.fanout_hosts * args.fanout_delay:.1f} s")
-        alone = statistics.median(await agent_calls_alone(slow_urls, root, args.fanout_runs))
+        calls_alone = await agent_calls_alone(slow_urls, root, args.fanout_runs)
+        alone = statistics.median(calls_alone["seconds"])
         report(
             f"the same {args.fanout_hosts} calls alone (python -m bench.agent_calls: AgentClient in a process of its "
             f"own, no service, no database), median of {args.fanout_runs}: {alone * 1000:.0f} ms = ratio "
-            f"{alone / args.fanout_delay:.2f}; the service adds {ratio - alone / args.fanout_delay:.2f}"
+            f"{alone / args.fanout_delay:.2f}; the service adds {ratio - alone / args.fanout_delay:.2f}; "
+            f"the caller's CPU per call {calls_alone['cpu_ms_per_call'] * 1000:.0f} µs"
         )
 
         report()
@@ -301,8 +303,9 @@ async def run(args: argparse.Namespace) -> None:
         await measure_memory(http, database, service, memory_vms, args.concurrency)
 
 
-async def agent_calls_alone(urls: list[str], root: Path, runs: int) -> list[float]:
-    """Run `python -m bench.agent_calls` against these agents (served by this process); each run's seconds."""
+async def agent_calls_alone(urls: list[str], root: Path, runs: int) -> dict[str, Any]:
+    """Run `python -m bench.agent_calls` against these agents (served by this process); each run's seconds and
+    its CPU time per call (see bench/agent_calls.py)."""
     calls = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -317,8 +320,8 @@ async def agent_calls_alone(urls: list[str], root: Path, runs: int) -> list[floa
     out, _ = await calls.communicate("\n".join(urls).encode())
     if calls.returncode != 0:
         raise RuntimeError(f"python -m bench.agent_calls exited {calls.returncode}")
-    seconds: list[float] = json.loads(out)
-    return seconds
+    timings: dict[str, Any] = json.loads(out)
+    return timings
 
 
 async def measure_memory(
