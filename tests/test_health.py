@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from conftest import AppFactory
@@ -18,6 +19,8 @@ from pg_helpers import (
     separate_postgres,
 )
 from problem_helpers import assert_problem
+
+from app.db import asyncpg_dsn
 
 # Generous bounds for a shared, busy machine: what matters is "answers", not "answers fast".
 OUTAGE_ANSWER_SECONDS = 8.0
@@ -144,3 +147,33 @@ class TestDatabaseOutage:
             resume_postgres(pgdata)
         await wait_until_ready(client)
         assert (await client.get(f"/vms/{vm_uuid}")).status_code == 200
+
+
+async def test_a_delete_whose_connection_the_server_ends_mid_statement_is_503_then_works(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    # The DELETE's statement runs on asyncpg past SQLAlchemy (app.db.DriverStatement): its errors are asyncpg's own.
+    vm_uuid = await put_vm(client)
+    holder = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        async with holder.transaction():
+            # The DELETE's INSERT locks the VM's TPM row: while the test holds it, the statement waits on the server.
+            await holder.execute("SELECT 1 FROM tpms WHERE vm_uuid = $1 FOR UPDATE", uuid.UUID(vm_uuid))
+            delete = asyncio.create_task(client.delete(f"/vms/{vm_uuid}/tpm"))
+            waiting = None
+            deadline = time.monotonic() + OUTAGE_ANSWER_SECONDS
+            while waiting is None:
+                assert time.monotonic() < deadline, "the DELETE never waited on the TPM row"
+                await asyncio.sleep(0.05)
+                waiting = await holder.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'vtpm' AND wait_event_type = 'Lock'"
+                )
+            assert await holder.fetchval("SELECT pg_terminate_backend($1)", waiting)
+            answer = await delete
+    finally:
+        await holder.close()
+    assert_problem(answer, 503)
+    assert int(answer.headers["retry-after"]) > 0
+    # Nothing was queued, and the pool replaced the connection the server ended.
+    assert (await client.get("/jobs", params={"vm_uuid": vm_uuid})).json() == []
+    assert (await client.delete(f"/vms/{vm_uuid}/tpm")).status_code == 202

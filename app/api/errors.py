@@ -4,6 +4,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -76,7 +77,8 @@ def install_error_handlers(app: FastAPI) -> None:
     # The errors of an unreachable database are also registered by class, so that Starlette's
     # ExceptionMiddleware answers them; the catch-all `Exception` handler runs in ServerErrorMiddleware,
     # which re-raises after answering: a traceback per call during an outage, and an error in ASGI clients.
-    for error_class in (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError):
+    # asyncpg's own errors come from the statements that run past SQLAlchemy (app.db.DriverStatement).
+    for error_class in (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
         app.add_exception_handler(error_class, _on_unexpected_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
 
