@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from app.embedded_db import start_embedded_postgres
+from app.fair_pool import FairAsyncQueuePool
 from app.settings import Settings
 
 # How long a connection attempt may take before the database counts as unreachable (answers 503).
@@ -53,6 +54,8 @@ def create_engine(
     """
     engine = create_async_engine(
         database_url,
+        # Connections are handed out in the order they were asked for (see app/fair_pool.py).
+        poolclass=FairAsyncQueuePool,
         pool_size=pool_size,
         # A fixed pool: under load, overflow connections were opened and closed again by the hundred per
         # second, each a new server process whose statements are prepared anew (docs/BENCHMARK.md).
