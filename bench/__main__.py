@@ -266,6 +266,13 @@ async def run(args: argparse.Namespace) -> None:
             f"{alone / args.fanout_delay:.2f}; the service adds {ratio - alone / args.fanout_delay:.2f}; "
             f"the caller's CPU per call {calls_alone['cpu_ms_per_call'] * 1000:.0f} µs"
         )
+        bare = await agent_calls_alone(slow_urls, root, args.fanout_runs, "--bare")
+        bare_alone = statistics.median(bare["seconds"])
+        report(
+            f"the same requests through aiohttp alone (--bare: no AgentClient), median of {args.fanout_runs}: "
+            f"{bare_alone * 1000:.0f} ms = ratio {bare_alone / args.fanout_delay:.2f}; the caller's CPU per call "
+            f"{bare['cpu_ms_per_call'] * 1000:.0f} µs"
+        )
 
         report()
         report(
@@ -303,7 +310,7 @@ async def run(args: argparse.Namespace) -> None:
         await measure_memory(http, database, service, memory_vms, args.concurrency)
 
 
-async def agent_calls_alone(urls: list[str], root: Path, runs: int) -> dict[str, Any]:
+async def agent_calls_alone(urls: list[str], root: Path, runs: int, *options: str) -> dict[str, Any]:
     """Run `python -m bench.agent_calls` against these agents (served by this process); each run's seconds and
     its CPU time per call (see bench/agent_calls.py)."""
     calls = await asyncio.create_subprocess_exec(
@@ -314,6 +321,7 @@ async def agent_calls_alone(urls: list[str], root: Path, runs: int) -> dict[str,
         str(root),
         "--runs",
         str(runs),
+        *options,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )

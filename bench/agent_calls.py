@@ -2,9 +2,10 @@
 
 The calls a removal job makes to its hosts, through the service's `AgentClient` on a session set up as the
 service sets up its own, all at once with `asyncio.gather`, but with no service, database or plan around them:
-the floor that this machine and a fleet of simulated hosts in one process put under the fan-out ratio. Reads the
-agents' URLs on stdin, one per line; prints JSON: each run's wall time in seconds, and this process's CPU time per
-call in milliseconds.
+the floor that this machine and a fleet of simulated hosts in one process put under the fan-out ratio. With
+`--bare`, the same requests through aiohttp alone, without AgentClient's checks, timer and metrics: the floor under
+that. Reads the agents' URLs on stdin, one per line; prints JSON: each run's wall time in seconds, and this
+process's CPU time per call in milliseconds.
 """
 
 import argparse
@@ -13,27 +14,55 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from app.agent_client import AgentClient, FileToDelete, agent_session
+import aiohttp
+
+from app.agent_client import DELETE_PATH, AgentClient, FileToDelete, agent_session
 from app.cli import tune_garbage_collector
 from bench import loop
 
+# One delete call: agent URL, VM and files in; whether the agent confirmed, or why not, out.
+Call = Callable[[str, uuid.UUID, list[FileToDelete]], Awaitable[str | None]]
 
-async def call_all(urls: list[str], root: Path, runs: int) -> dict[str, object]:
+
+def agent_client_call(http: aiohttp.ClientSession, concurrency: int) -> Call:
+    """A call as the service makes it, through AgentClient."""
+    agent = AgentClient(http, timeout_seconds=10, concurrency=concurrency)
+
+    async def call(url: str, vm_uuid: uuid.UUID, files: list[FileToDelete]) -> str | None:
+        return (await agent.delete_files(url, vm_uuid, files)).error
+
+    return call
+
+
+def bare_call(http: aiohttp.ClientSession) -> Call:
+    """The same request through aiohttp alone: the body sent, the answer read, its status checked."""
+
+    async def call(url: str, vm_uuid: uuid.UUID, files: list[FileToDelete]) -> str | None:
+        body = {"vm_uuid": str(vm_uuid), "files": [{"path": f.path, "type": f.type} for f in files]}
+        async with http.post(f"{url}/{DELETE_PATH}", json=body) as response:
+            await response.read()
+        return None if response.status == 200 else f"HTTP {response.status}"
+
+    return call
+
+
+async def call_all(urls: list[str], root: Path, runs: int, *, bare: bool) -> dict[str, object]:
     """Ask every agent to delete one file (missing, under `root`) of a new VM, `runs` times; each run's seconds
     and the CPU time per call."""
     async with agent_session(len(urls)) as http:
-        agent = AgentClient(http, timeout_seconds=10, concurrency=len(urls))
+        call = bare_call(http) if bare else agent_client_call(http, len(urls))
         seconds = []
         cpu_started = time.process_time()
         for _ in range(runs):
             vm_uuid = uuid.uuid4()
             files = [FileToDelete(path=str(root / str(vm_uuid) / "state.permall"), type="TpmState")]
             started = time.perf_counter()
-            results = await asyncio.gather(*(agent.delete_files(url, vm_uuid, files) for url in urls))
+            errors = await asyncio.gather(*(call(url, vm_uuid, files) for url in urls))
             seconds.append(time.perf_counter() - started)
-            if failed := [r.error for r in results if not r.ok]:
+            if failed := [error for error in errors if error is not None]:
                 raise RuntimeError(f"{len(failed)} agent calls failed, e.g. {failed[0]}")
         cpu_ms_per_call = (time.process_time() - cpu_started) * 1000 / (runs * len(urls))
         return {"seconds": seconds, "cpu_ms_per_call": cpu_ms_per_call}
@@ -44,11 +73,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.agent_calls", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="the agents' root folder")
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--bare", action="store_true", help="aiohttp alone, without AgentClient")
     args = parser.parse_args()
     urls = [line.strip() for line in sys.stdin if line.strip()]
     # The collector as `serve` sets it, so that the calls cost what they cost in the service.
     tune_garbage_collector()
-    print(json.dumps(loop.run(call_all(urls, args.root, args.runs))))
+    print(json.dumps(loop.run(call_all(urls, args.root, args.runs, bare=args.bare))))
 
 
 if __name__ == "__main__":
