@@ -368,7 +368,8 @@ class _OutcomeRecorder:
             if not self._lingered:
                 self._lingered = True
                 with suppress(TimeoutError):
-                    await asyncio.wait_for(self._all_answered.wait(), OUTCOME_LINGER_SECONDS)
+                    async with asyncio.timeout(OUTCOME_LINGER_SECONDS):
+                        await self._all_answered.wait()
             if not self._pending or self._all_answered.is_set():
                 return
             batch, self._pending = self._pending, []
