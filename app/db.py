@@ -10,7 +10,7 @@ import asyncpg
 from sqlalchemy import TextClause, event, make_url, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from app.embedded_db import start_embedded_postgres
@@ -91,29 +91,15 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-# Execution options under which every statement commits on its own, without BEGIN and COMMIT round trips. Only for
-# work whose statements are each atomic by themselves (a data-modifying CTE is one statement): a transaction of one
-# statement costs three round trips, this one (see docs/BENCHMARK.md).
-AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
-
-
-@asynccontextmanager
-async def autocommit_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A connection of the engine's pool whose statements commit one by one (see AUTOCOMMIT)."""
-    async with engine.connect() as connection:
-        await connection.execution_options(**AUTOCOMMIT)
-        yield connection
-
-
 @dataclass(frozen=True)
 class DriverStatement:
     """A fixed statement that runs on asyncpg itself, past SQLAlchemy's execution layer.
 
-    For the few statements every removal runs (queue, claim, plan, cleanup): SQLAlchemy's execution of a statement
-    costs about 75 µs of CPU more than asyncpg's own, a sixth of what the service spends on a removal
-    (docs/BENCHMARK.md). The statement is written as a `text()` with named parameters like every other and compiled
-    once into asyncpg's numbered ones. It runs on a connection of the engine's pool (`driver_connection`), so
-    pooling, timeouts and the replacement of closed connections stay the engine's.
+    For the few statements every removal runs (queue, claim, plan, outcomes, cleanup): SQLAlchemy's execution of a
+    statement cost about twice the CPU of asyncpg's own (`python -m bench.statements`, README). The statement is
+    written as a `text()` with named parameters like every other and compiled once into asyncpg's numbered ones.
+    Each runs alone, without a transaction around it (it is atomic by itself), on a connection of the engine's pool
+    (`driver_connection`), so pooling, timeouts and the replacement of closed connections stay the engine's.
     """
 
     sql: str
@@ -129,16 +115,6 @@ class DriverStatement:
         """Run the statement with `params` (by name) and return its rows."""
         rows: list[asyncpg.Record] = await connection.fetch(self.sql, *(params[name] for name in self.names))
         return rows
-
-
-async def driver_of(connection: AsyncConnection) -> asyncpg.Connection:
-    """The asyncpg connection under `connection`, to run DriverStatements on it.
-
-    Outside a transaction (a fresh connection, or one under AUTOCOMMIT) each statement run on it commits alone.
-    """
-    pooled = await connection.get_raw_connection()
-    driver: asyncpg.Connection = pooled.driver_connection
-    return driver
 
 
 @asynccontextmanager

@@ -17,16 +17,16 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
-from sqlalchemy import ColumnElement, bindparam, select, text
+from sqlalchemy import ColumnElement, text
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app.agent_client import AgentClient, FileToDelete, HostDeleteResult
-from app.db import DriverStatement, driver_connection, driver_of
+from app.db import DriverStatement, driver_connection
 from app.errors import ConflictError, LeaseLostError, NotFoundError
 from app.inventory import removed_with_tpm
 from app.jobs import FENCED, RENEWED_LEASE, JobClaim, get_job, job_out
-from app.models import ACTIVE_JOB, ACTIVE_JOB_STATES, Job, Tpm, Vm
+from app.models import ACTIVE_JOB, Job
 from app.schemas import JobOut
 
 log = logging.getLogger(__name__)
@@ -51,28 +51,38 @@ RETURNING *
 )
 
 # Why no job was inserted.
-_REMOVAL_STATE = select(
-    select(Vm.uuid).where(Vm.uuid == bindparam("vm_uuid")).scalar_subquery(),
-    select(Job.id).where(Job.vm_uuid == bindparam("vm_uuid"), Job.state.in_(ACTIVE_JOB_STATES)).scalar_subquery(),
-    select(Tpm.uuid).where(Tpm.vm_uuid == bindparam("vm_uuid")).scalar_subquery(),
+_REMOVAL_STATE = DriverStatement.of(
+    text(f"""
+SELECT (SELECT uuid FROM vms WHERE uuid = :vm_uuid) AS vm,
+       (SELECT id FROM jobs WHERE vm_uuid = :vm_uuid AND {ACTIVE_JOB.text}) AS active_job,
+       (SELECT uuid FROM tpms WHERE vm_uuid = :vm_uuid) AS tpm
+""")
 )
 
 
-async def request_removal(connection: AsyncConnection, vm_uuid: UUID) -> tuple[JobOut, bool]:
+async def request_removal(engine: AsyncEngine, vm_uuid: UUID) -> tuple[JobOut, bool]:
     """Queue the removal of a VM's TPM, or return the removal already under way; the flag tells which.
 
-    Each statement is atomic by itself, so the connection may run without a transaction (app.db.AUTOCOMMIT): the
-    common case is the insert alone, one round trip. However many requests arrive at once, in every replica, the
-    unique index lets exactly one job in; the others read it back.
+    Each statement is atomic by itself, so they run without a transaction: the common case is the insert alone, one
+    round trip. However many requests arrive at once, in every replica, the unique index lets exactly one job in;
+    the others read it back, on a connection of their own once the first is back in the pool.
     """
-    driver = await driver_of(connection)
+    async with driver_connection(engine) as connection:
+        queued, active = await _queue_removal(connection, vm_uuid)
+    if queued is not None:
+        return job_out(Job(**queued), hosts=[]), True
+    async with AsyncSession(engine) as session:
+        return await get_job(session, active), False
+
+
+async def _queue_removal(connection: asyncpg.Connection, vm_uuid: UUID) -> tuple[asyncpg.Record | None, UUID]:
+    """The row of the job inserted, or else the id of the removal under way; NotFoundError or ConflictError."""
     for _ in range(_REQUEST_ATTEMPTS):
-        if queued := await _QUEUE_REMOVAL.fetch(driver, {"job_id": uuid4(), "vm_uuid": vm_uuid}):
-            return job_out(Job(**queued[0]), hosts=[]), True
-        vm, active, tpm = (await connection.execute(_REMOVAL_STATE, {"vm_uuid": vm_uuid})).one()
+        if queued := await _QUEUE_REMOVAL.fetch(connection, {"job_id": uuid4(), "vm_uuid": vm_uuid}):
+            return queued[0], queued[0]["id"]
+        ((vm, active, tpm),) = await _REMOVAL_STATE.fetch(connection, {"vm_uuid": vm_uuid})
         if active is not None:
-            async with AsyncSession(bind=connection) as session:
-                return await get_job(session, active), False
+            return None, active
         if vm is None:
             raise NotFoundError(f"VM {vm_uuid} does not exist")
         if tpm is None:

@@ -15,7 +15,7 @@ import aiohttp
 from sqlalchemy import Connection, event
 
 from app.agent_client import AgentClient
-from app.db import autocommit_connection, create_engine, driver_connection, recorded_statements
+from app.db import create_engine, driver_connection, recorded_statements
 from app.jobs import claim_jobs
 from app.removal import LeaseClock, Removal, request_removal
 from bench.seed import FileSpec, Seeder
@@ -59,10 +59,8 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
         statements[name] += len(sent)
 
     @event.listens_for(engine.sync_engine, "begin")
-    def count_transaction(connection: Connection) -> None:
-        # An autocommit connection "begins" too, but sends no BEGIN: each of its statements commits alone.
-        if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-            transactions[step] += 1
+    def count_transaction(_connection: Connection) -> None:
+        transactions[step] += 1
 
     async with aiohttp.ClientSession() as http:
         agent = AgentClient(http, timeout_seconds=10, concurrency=64)
@@ -72,8 +70,8 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
                 (vm_uuid,) = await seeder.vms([layout])
                 statements, transactions = Counter(), Counter()
                 # The request and the claim run as the route and the worker run them.
-                async with counted("request"), autocommit_connection(engine) as connection:
-                    await request_removal(connection, vm_uuid)
+                async with counted("request"):
+                    await request_removal(engine, vm_uuid)
                 async with counted("claim"), driver_connection(engine) as connection:
                     (claim,) = await claim_jobs(connection, limit=1, lease_seconds=_LEASE_SECONDS)
                 lease = LeaseClock(_LEASE_SECONDS)

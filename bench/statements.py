@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy import text
 
-from app.db import DriverStatement, autocommit_connection, create_engine, driver_connection
+from app.db import DriverStatement, create_engine, driver_connection
 from bench import loop
 from bench.database import fresh_database, postgres_server
 
@@ -43,7 +43,9 @@ async def measure(statements: int, rounds: int) -> None:
         params = {"job_id": uuid.uuid4(), "vm_uuid": uuid.uuid4()}
 
         async def through_sqlalchemy() -> object:
-            async with autocommit_connection(engine) as connection:
+            # As the service ran these statements before DriverStatement: alone, without BEGIN and COMMIT.
+            async with engine.connect() as connection:
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
                 return (await connection.execute(_STATEMENT, params)).all()
 
         async def as_driver_statement() -> object:

@@ -1,6 +1,7 @@
 """The job queue's guarantees, driven directly (no HTTP worker): fencing, retries, constant cleanup cost."""
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db import driver_of, recorded_statements
+from app.db import driver_connection, recorded_statements
 from app.errors import LeaseLostError
 from app.jobs import JobClaim, claim_jobs
 from app.removal import LeaseClock, Removal
@@ -29,9 +30,9 @@ def removal_of(client: httpx.AsyncClient) -> Removal:
 
 async def claim(client: httpx.AsyncClient, job_id: str) -> JobClaim:
     """Claim exactly this job, as a worker would: it is put first in line, and one job is claimed."""
-    async with client.app.state.engine.begin() as connection:  # type: ignore[attr-defined]
-        await connection.execute(text("UPDATE jobs SET run_after = '-infinity' WHERE id = :j"), {"j": job_id})
-        claims = await claim_jobs(await driver_of(connection), limit=1, lease_seconds=LEASE)
+    async with driver_connection(client.app.state.engine) as connection:  # type: ignore[attr-defined]
+        await connection.execute("UPDATE jobs SET run_after = '-infinity' WHERE id = $1", uuid.UUID(job_id))
+        claims = await claim_jobs(connection, limit=1, lease_seconds=LEASE)
     assert [str(c.job_id) for c in claims] == [job_id]
     return claims[0]
 

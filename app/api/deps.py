@@ -6,9 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from app.db import autocommit_connection
 from app.pagination import DEFAULT_LIMIT, MAX_LIMIT
 from app.settings import Settings
 
@@ -19,10 +18,10 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def get_autocommit_connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    """A connection whose statements commit one by one, for a route whose work is statements atomic by themselves."""
-    async with autocommit_connection(request.app.state.engine) as connection:
-        yield connection
+async def get_engine(request: Request) -> AsyncEngine:
+    """The API's engine, for a service function that checks its connections out itself."""
+    engine: AsyncEngine = request.app.state.engine
+    return engine
 
 
 async def get_settings(request: Request) -> Settings:
@@ -32,7 +31,7 @@ async def get_settings(request: Request) -> Settings:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
-AutocommitConnectionDep = Annotated[AsyncConnection, Depends(get_autocommit_connection)]
+EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _bearer = HTTPBearer(

@@ -5,7 +5,7 @@ from uuid import UUID
 from fastapi import APIRouter, Response
 
 from app import inventory, removal
-from app.api.deps import AutocommitConnectionDep, SessionDep
+from app.api.deps import EngineDep, SessionDep
 from app.api.errors import problem_responses
 from app.api.jobs import job_response
 from app.schemas import HostFileOut, JobOut, TpmIn, TpmOut, TpmWithFilesOut
@@ -63,6 +63,6 @@ async def get_tpm(vm_uuid: UUID, session: SessionDep) -> TpmWithFilesOut:
     ),
     responses=problem_responses(404, 409, 422),
 )
-async def remove_tpm(vm_uuid: UUID, connection: AutocommitConnectionDep) -> Response:
-    job, _created = await removal.request_removal(connection, vm_uuid)
+async def remove_tpm(vm_uuid: UUID, engine: EngineDep) -> Response:
+    job, _created = await removal.request_removal(engine, vm_uuid)
     return job_response(job, status_code=202, headers={"Location": f"/jobs/{job.id}"})
