@@ -124,7 +124,13 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
     Checked out of the pool without a SQLAlchemy Connection around it: a DriverStatement then costs 56 µs of CPU
     instead of 64-66 (`python -m bench.statements`). The pool's checkout check and its order of waiters apply.
     """
-    pooled = await engine.raw_connection()
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    try:
+        pooled = await engine.raw_connection()
+    except dbapi_error as error:
+        # engine.connect() wraps a failed connect in SQLAlchemy's DBAPIError, which the outage handling knows;
+        # raw_connection() does not.
+        raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error) from error
     try:
         yield pooled.driver_connection
     finally:
