@@ -27,11 +27,21 @@ async def use_connection(engine: AsyncEngine, name: str, order: list[str]) -> No
         order.append(name)
 
 
+async def waiting_in_line(engine: AsyncEngine, name: str, order: list[str]) -> "asyncio.Task[None]":
+    """A checkout that uses the connection once it gets it, started and given the time to wait in line."""
+    task = asyncio.create_task(use_connection(engine, name, order))
+    await asyncio.sleep(0.05)
+    return task
+
+
+def checked_out(engine: AsyncEngine) -> int:
+    return engine.sync_engine.pool.checkedout()  # type: ignore[attr-defined,no-any-return]
+
+
 async def test_a_checkout_that_waited_gets_the_connection_before_one_that_just_came(engine: AsyncEngine) -> None:
     order: list[str] = []
     held = await engine.connect()
-    waited = asyncio.create_task(use_connection(engine, "waited", order))
-    await asyncio.sleep(0.05)
+    waited = await waiting_in_line(engine, "waited", order)
     # The newcomer's first step runs before the waiter's, right after the connection is put back: with
     # asyncio.Queue's order it would take the connection, and the waiter would go to the back of the line.
     newcomer = asyncio.create_task(use_connection(engine, "newcomer", order))
@@ -51,19 +61,16 @@ async def test_a_checkout_waits_no_longer_than_the_pool_timeout_and_the_pool_goe
     order: list[str] = []
     async with asyncio.timeout(1):
         await use_connection(engine, "after", order)
-    assert order == ["after"] and engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert order == ["after"] and checked_out(engine) == 0
 
 
 async def test_a_connection_handed_to_a_checkout_cancelled_meanwhile_goes_to_the_next(engine: AsyncEngine) -> None:
     order: list[str] = []
     held = await engine.connect()
-    cancelled = asyncio.create_task(use_connection(engine, "cancelled", order))
-    await asyncio.sleep(0.05)
-    next_in_line = asyncio.create_task(use_connection(engine, "next", order))
-    await asyncio.sleep(0.01)
+    cancelled = await waiting_in_line(engine, "cancelled", order)
+    next_in_line = await waiting_in_line(engine, "next", order)
     await held.close()  # handed to the first waiter, which is cancelled before it runs
     cancelled.cancel()
     async with asyncio.timeout(1):  # not the pool timeout: the connection was not lost with the cancelled one
         await next_in_line
-    assert cancelled.cancelled() and order == ["next"]
-    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert cancelled.cancelled() and order == ["next"] and checked_out(engine) == 0
