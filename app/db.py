@@ -96,7 +96,7 @@ class DriverStatement:
     """A fixed statement that runs on asyncpg itself, past SQLAlchemy's execution layer.
 
     For the few statements every removal runs (queue, claim, plan, outcomes, cleanup): SQLAlchemy's execution of a
-    statement cost about twice the CPU of asyncpg's own (`python -m bench.statements`, README). The statement is
+    statement cost two to three times the CPU of asyncpg's own (`python -m bench.statements`, README). The statement is
     written as a `text()` with named parameters like every other and compiled once into asyncpg's numbered ones.
     Each runs alone, without a transaction around it (it is atomic by itself), on a connection of the engine's pool
     (`driver_connection`), so pooling, timeouts and the replacement of closed connections stay the engine's.

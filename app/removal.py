@@ -68,21 +68,21 @@ async def request_removal(engine: AsyncEngine, vm_uuid: UUID) -> tuple[JobOut, b
     the others read it back, on a connection of their own once the first is back in the pool.
     """
     async with driver_connection(engine) as connection:
-        queued, active = await _queue_removal(connection, vm_uuid)
-    if queued is not None:
-        return job_out(Job(**queued), hosts=[]), True
+        queued_or_active = await _queue_removal(connection, vm_uuid)
+    if not isinstance(queued_or_active, UUID):
+        return job_out(Job(**queued_or_active), hosts=[]), True
     async with AsyncSession(engine) as session:
-        return await get_job(session, active), False
+        return await get_job(session, queued_or_active), False
 
 
-async def _queue_removal(connection: asyncpg.Connection, vm_uuid: UUID) -> tuple[asyncpg.Record | None, UUID]:
+async def _queue_removal(connection: asyncpg.Connection, vm_uuid: UUID) -> asyncpg.Record | UUID:
     """The row of the job inserted, or else the id of the removal under way; NotFoundError or ConflictError."""
     for _ in range(_REQUEST_ATTEMPTS):
         if queued := await _QUEUE_REMOVAL.fetch(connection, {"job_id": uuid4(), "vm_uuid": vm_uuid}):
-            return queued[0], queued[0]["id"]
+            return queued[0]
         ((vm, active, tpm),) = await _REMOVAL_STATE.fetch(connection, {"vm_uuid": vm_uuid})
         if active is not None:
-            return None, active
+            return active
         if vm is None:
             raise NotFoundError(f"VM {vm_uuid} does not exist")
         if tpm is None:
