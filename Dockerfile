@@ -9,7 +9,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY app ./app
 # The project's own wheel is dropped: it runs from /srv/vtpm (below), where its migrations sit next to the package.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels . && rm /wheels/vtpm_cleanup-*.whl
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[service]" && rm /wheels/vtpm_cleanup-*.whl
 
 # Stage 2: the slim runtime with the installed wheels and the source, as a non-root user.
 FROM python:3.11-slim
@@ -22,7 +22,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index /wheels/*.whl \
     && useradd --system --uid 10001 --user-group --home-dir /srv/vtpm --no-create-home vtpm
 WORKDIR /srv/vtpm
-# app/migrate.py finds alembic.ini and migrations/ next to the app package.
+# app/service/db/migrate.py finds alembic.ini and migrations/ next to the app package.
 COPY alembic.ini ./
 COPY migrations ./migrations
 COPY app ./app

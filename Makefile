@@ -8,15 +8,15 @@ INSTALLED := $(VENV)/.installed
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[service,test,bench]'
 	touch $(INSTALLED)
 
 run: $(INSTALLED)  ## start the service on 127.0.0.1:8000 (embedded PostgreSQL under .data/ unless DATABASE_URL)
 	$(PY) -m app serve
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check app tests migrations bench scripts
-	$(VENV)/bin/ruff format --check app tests migrations bench scripts
+	$(VENV)/bin/ruff check app tests migrations bench devtools
+	$(VENV)/bin/ruff format --check app tests migrations bench devtools
 	$(VENV)/bin/mypy app
 
 test: lint  ## ruff, mypy and the whole pytest suite against a real PostgreSQL
@@ -26,7 +26,7 @@ bench: $(INSTALLED)  ## the benchmark: fan-out, throughput against a bare baseli
 	$(PY) -m bench
 
 demo: $(INSTALLED)  ## embedded PostgreSQL, the service and two agents on temporary folders: a removal, then one with a host down
-	$(PY) scripts/demo.py
+	$(PY) -m devtools.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

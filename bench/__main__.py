@@ -25,9 +25,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from app.cli import tune_garbage_collector
-from app.db import asyncpg_dsn
-from app.local_stack import free_port
+from app.service.commands import tune_garbage_collector
+from app.service.db.engine import asyncpg_dsn
 from bench import loop
 from bench.cost import STEPS, measure_job_costs
 from bench.database import fresh_database, postgres_server
@@ -36,6 +35,7 @@ from bench.load import LoadResult, client_session
 from bench.processes import ServerProcess, child_env, running_server
 from bench.scenarios import FanOutRun, baseline_run, fan_out_run, removal_run, two_host_layouts
 from bench.seed import FileSpec, Seeder
+from devtools.local_stack import free_port
 
 # Hosts of the throughput scenario; each VM has files on two of them.
 THROUGHPUT_HOSTS = 10
@@ -174,7 +174,9 @@ async def run(args: argparse.Namespace) -> None:
         slow_hosts = await seeder.hosts(slow_urls)
 
         report()
-        report("== 3. cost per job (Removal run in-process, statements counted by app.db.recorded_statements)")
+        report(
+            "== 3. cost per job (Removal run in-process, statements counted by app.service.db.engine.recorded_statements)"  # noqa: E501
+        )
         layouts = [
             [FileSpec(fast_hosts[0], "TpmState")],
             [FileSpec(fast_hosts[i % len(fast_hosts)], "TpmState") for i in range(COST_LARGE_FILES)],

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import aiohttp
 
-from app.agent_client import DELETE_PATH, AgentClient, FileToDelete, agent_session
-from app.cli import tune_garbage_collector
+from app.protocol import DELETE_PATH
+from app.service.agent_client import AgentClient, FileToDelete, agent_session
+from app.service.commands import tune_garbage_collector
 from bench import loop
 
 # One delete call: agent URL, VM and files in; whether the agent confirmed, or why not, out.
@@ -42,7 +43,7 @@ def bare_call(http: aiohttp.ClientSession) -> Call:
 
     async def call(url: str, vm_uuid: uuid.UUID, files: list[FileToDelete]) -> str | None:
         body = {"vm_uuid": str(vm_uuid), "files": [{"path": f.path, "type": f.type} for f in files]}
-        async with http.post(f"{url}/{DELETE_PATH}", json=body) as response:
+        async with http.post(f"{url}{DELETE_PATH}", json=body) as response:
             await response.read()
         return None if response.status == 200 else f"HTTP {response.status}"
 

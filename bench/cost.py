@@ -1,7 +1,7 @@
 """Cost per job: how many SQL statements (and transactions) each step of a removal executes, per VM layout.
 
-Runs `app.removal.Removal` in this process, without HTTP, on an engine whose statements are counted by
-`app.db.recorded_statements` (a `before_cursor_execute` listener for SQLAlchemy's statements, asyncpg's query
+Runs `app.service.removal.run.Removal` in this process, without HTTP, on an engine whose statements are counted by
+`app.service.db.engine.recorded_statements` (a `before_cursor_execute` listener for SQLAlchemy statements, asyncpg query
 logger for the DriverStatements that run past it) and transactions by a `begin` listener, against agents of the
 fleet.
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import aiohttp
 from sqlalchemy import Connection, event
 
-from app.agent_client import AgentClient
-from app.db import create_engine, driver_connection, recorded_statements
-from app.jobs import claim_jobs
-from app.removal import LeaseClock, Removal, request_removal
+from app.service.agent_client import AgentClient
+from app.service.db.engine import create_engine, driver_connection, recorded_statements
+from app.service.jobs.queue import claim_jobs
+from app.service.removal.run import LeaseClock, Removal, request_removal
 from bench.seed import FileSpec, Seeder
 
 _LEASE_SECONDS = 30.0

@@ -12,9 +12,9 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy import make_url
 
-from app.db import asyncpg_dsn
-from app.embedded_db import start_embedded_postgres
-from app.migrate import upgrade
+from app.service.db.embedded import start_embedded_postgres
+from app.service.db.engine import asyncpg_dsn
+from app.service.db.migrate import upgrade
 
 
 @asynccontextmanager

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from app.agent_server import create_agent_app
+from app.agent.server import create_agent_app
+from devtools.slow_agent import answering_after
 
 
 @asynccontextmanager
@@ -17,7 +18,7 @@ async def agent_fleet(root: Path, *, hosts: int, delay_seconds: float) -> AsyncI
     One application serves every port: each port is a separate host to the service (its own URL, its own
     connections), while the benchmark process keeps one event loop for the whole fleet.
     """
-    runner = web.AppRunner(create_agent_app(root, delay_seconds=delay_seconds), access_log=None)
+    runner = web.AppRunner(answering_after(create_agent_app(root), delay_seconds), access_log=None)
     await runner.setup()
     urls = []
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncpg
 
-from app.db import asyncpg_dsn
+from app.service.db.engine import asyncpg_dsn
 
 # Rows per statement: large enough to be quick, small enough to keep each statement's arrays modest.
 _CHUNK_VMS = 5000

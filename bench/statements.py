@@ -1,4 +1,4 @@
-"""`python -m bench.statements`: CPU per statement, through SQLAlchemy's execution and as an `app.db.DriverStatement`.
+"""`python -m bench.statements`: CPU per statement, via SQLAlchemy and as an `app.service.db.engine.DriverStatement`.
 
 The measured reason why a removal's fixed statements run on asyncpg past SQLAlchemy (README, "How it works"): the
 same statement, on connections of the same pool, 16 at a time, each on a connection checked out for it as the
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy import text
 
-from app.db import DriverStatement, create_engine, driver_connection
+from app.service.db.engine import DriverStatement, create_engine, driver_connection
 from bench import loop
 from bench.database import fresh_database, postgres_server
 

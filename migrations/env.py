@@ -6,9 +6,9 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.db import resolve_database_url
-from app.models import Base
-from app.settings import Settings
+from app.service.db.engine import resolve_database_url
+from app.service.db.models import Base
+from app.service.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata

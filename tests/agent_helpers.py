@@ -8,7 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from app.agent_server import create_agent_app
+from app.agent.server import create_agent_app
+from app.protocol import DeleteFailed, DeleteSucceeded
+from devtools.slow_agent import answering_after
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -31,10 +33,15 @@ async def running_app(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+def protocol_answer(message: DeleteSucceeded | DeleteFailed, status: int = 200) -> web.Response:
+    """An agent's answer, written with the protocol's models as the shipped agent writes it."""
+    return web.Response(body=message.model_dump_json(), status=status, content_type="application/json")
+
+
 @asynccontextmanager
 async def running_agent(root: Path, *, token: str | None = None, delay_seconds: float = 0.0) -> AsyncIterator[str]:
     """Run the shipped host agent, confined to `root`, on a free loopback port; yields its base URL."""
-    async with running_app(create_agent_app(root, token=token, delay_seconds=delay_seconds)) as url:
+    async with running_app(answering_after(create_agent_app(root, token=token), delay_seconds)) as url:
         yield url
 
 
@@ -79,11 +86,11 @@ class RecordingAgent:
             if self.mode == "http500":
                 return web.Response(status=500, text="boom")
             if self.mode == "success_false":
-                return web.json_response({"success": False, "error": "disk on fire"})
+                return protocol_answer(DeleteFailed(error="disk on fire"))
             if self.mode == "bad_json":
                 return web.Response(text="{not json", content_type="application/json")
             if self.mode == "partial":
-                return web.json_response({"success": True, "deleted": [], "missing": []})
+                return protocol_answer(DeleteSucceeded(deleted=[], missing=[]))
             return await handler(request)
         finally:
             self.in_flight -= 1

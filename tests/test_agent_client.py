@@ -11,11 +11,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from agent_helpers import running_agent, running_app
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from app.agent_client import AgentClient, FileToDelete, HostDeleteResult
+from app.protocol import DELETE_PATH
+from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult
+from tests.agent_helpers import running_agent, running_app
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -37,7 +38,7 @@ def files_for(*paths: str | Path) -> list[FileToDelete]:
 def agent_with(handler: Handler) -> web.Application:
     """Build a stand-in agent whose delete endpoint is `handler`."""
     app = web.Application()
-    app.router.add_post("/host-files/delete", handler)
+    app.router.add_post(DELETE_PATH, handler)
     return app
 
 
@@ -94,7 +95,7 @@ async def test_sends_one_json_body_and_the_bearer_token(session: aiohttp.ClientS
         return web.json_response({"success": True, "deleted": paths, "missing": []})
 
     vm_uuid = uuid.uuid4()
-    files = [FileToDelete("/r/tpm", "TpmState"), FileToDelete("/r/nvram", "NvRam")]
+    files = [FileToDelete(path="/r/tpm", type="TpmState"), FileToDelete(path="/r/nvram", type="NvRam")]
     async with running_app(agent_with(record)) as url:
         with_token = AgentClient(session, timeout_seconds=5, concurrency=1, token="s3cret")
         without_token = AgentClient(session, timeout_seconds=5, concurrency=1)

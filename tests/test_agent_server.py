@@ -9,7 +9,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from agent_helpers import running_agent
+
+from app.protocol import DELETE_PATH
+from tests.agent_helpers import running_agent
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ async def post_delete(
     session: aiohttp.ClientSession, url: str, body: Any, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
     """Send a delete request and return the status and decoded JSON answer."""
-    async with session.post(f"{url}/host-files/delete", json=body, headers=headers) as response:
+    async with session.post(f"{url}{DELETE_PATH}", json=body, headers=headers) as response:
         return response.status, await response.json()
 
 
@@ -192,7 +194,7 @@ async def test_unlink_error_answers_failure_after_deleting_the_rest(session: aio
 async def test_malformed_request_gets_400(session: aiohttp.ClientSession, root: Path, body: bytes) -> None:
     async with running_agent(root) as url:
         async with session.post(
-            f"{url}/host-files/delete", data=body, headers={"Content-Type": "application/json"}
+            f"{url}{DELETE_PATH}", data=body, headers={"Content-Type": "application/json"}
         ) as response:
             status, answer = response.status, await response.json()
     assert status == 400

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from agent_helpers import running_agent
-from conftest import AppFactory
-from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.audit import AuditReport, audit
+from app.service.audit import AuditReport, audit
+from tests.agent_helpers import running_agent
+from tests.conftest import AppFactory
+from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

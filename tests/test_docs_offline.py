@@ -5,7 +5,8 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
-from conftest import AppFactory
+
+from tests.conftest import AppFactory
 
 API_TOKEN = "docs-test-api-token"
 

@@ -21,12 +21,12 @@ import asyncpg
 import httpx
 import psutil
 import pytest
-from pg_helpers import is_running, server_processes, stop_postgres
 
-from app.db import asyncpg_dsn
-from app.embedded_db import start_embedded_postgres
-from app.local_stack import free_port
-from app.models import Base
+from app.service.db.embedded import start_embedded_postgres
+from app.service.db.engine import asyncpg_dsn
+from app.service.db.models import Base
+from devtools.local_stack import free_port
+from tests.pg_helpers import is_running, server_processes, stop_postgres
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Generous: the first start runs initdb, and the machine is small and shared.

@@ -8,10 +8,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import AppFactory
-from inventory_helpers import put_vm
-from problem_helpers import assert_problem
 from pydantic import SecretStr
+
+from tests.conftest import AppFactory
+from tests.inventory_helpers import put_vm
+from tests.problem_helpers import assert_problem
 
 TOKEN = "s3cret"
 OPEN_PATHS = ["/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"]

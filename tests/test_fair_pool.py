@@ -1,4 +1,4 @@
-"""The engine's pool hands connections out so that no checkout is passed over again and again (app/fair_pool.py).
+"""The engine's pool hands connections out so that no checkout is passed over again and again (service/db/fair_pool.py).
 
 Each test uses a real pool of one connection to a real PostgreSQL, so that the order of checkouts is plain.
 """
@@ -11,7 +11,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import CONNECT_TIMEOUT_SECONDS, create_engine
+from app.service.db.engine import CONNECT_TIMEOUT_SECONDS, create_engine
 
 
 @pytest.fixture

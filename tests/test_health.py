@@ -9,22 +9,22 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from conftest import AppFactory
-from inventory_helpers import put_host, put_vm
-from pg_helpers import (
+
+from app.service.db.engine import asyncpg_dsn
+from tests.conftest import AppFactory
+from tests.inventory_helpers import put_host, put_vm
+from tests.pg_helpers import (
     create_migrated_database,
     pause_postgres,
     postgres_stopped,
     resume_postgres,
     separate_postgres,
 )
-from problem_helpers import assert_problem
-
-from app.db import asyncpg_dsn
+from tests.problem_helpers import assert_problem
 
 # Generous bounds for a shared, busy machine: what matters is "answers", not "answers fast".
 OUTAGE_ANSWER_SECONDS = 8.0
-# A frozen server is only noticed when a statement times out (app.db.COMMAND_TIMEOUT_SECONDS).
+# A frozen server is only noticed when a statement times out (app.service.db.engine.COMMAND_TIMEOUT_SECONDS).
 FROZEN_ANSWER_SECONDS = 15.0
 RECOVERY_SECONDS = 30.0
 
@@ -152,7 +152,7 @@ class TestDatabaseOutage:
 async def test_a_delete_whose_connection_the_server_ends_mid_statement_is_503_then_works(
     client: httpx.AsyncClient, database_url: str
 ) -> None:
-    # The DELETE's statement runs on asyncpg past SQLAlchemy (app.db.DriverStatement): its errors are asyncpg's own.
+    # The DELETE statement runs on asyncpg past SQLAlchemy (a DriverStatement): its errors are asyncpg own.
     vm_uuid = await put_vm(client)
     holder = await asyncpg.connect(asyncpg_dsn(database_url))
     try:

@@ -7,15 +7,15 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_helpers import running_recording_agent
-from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db import driver_connection, recorded_statements
-from app.errors import LeaseLostError
-from app.jobs import JobClaim, claim_jobs
-from app.removal import LeaseClock, Removal
+from app.service.db.engine import driver_connection, recorded_statements
+from app.service.errors import LeaseLostError
+from app.service.jobs.queue import JobClaim, claim_jobs
+from app.service.removal.run import LeaseClock, Removal
+from tests.agent_helpers import running_recording_agent
+from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
 
 LEASE = 30.0
 
@@ -138,7 +138,7 @@ async def test_cleanup_runs_the_same_number_of_statements_for_any_number_of_file
 
 
 async def test_api_commits_wait_for_the_disk_and_the_workers_do_not(client: httpx.AsyncClient) -> None:
-    # What a caller is told is durable; the worker's commits are redone if a database crash loses them (app.main).
+    # What a caller is told is durable; the worker's commits are redone if a database crash loses them (service.main).
     settings = {}
     for pool in ("engine", "worker_engine"):
         async with getattr(client.app.state, pool).connect() as connection:  # type: ignore[attr-defined]

@@ -11,12 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_helpers import running_agent
-from conftest import AppFactory
 from fastapi import FastAPI
-from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 
-from app.logs import JsonFormatter, KeyValueFormatter, log_handler
+from app.service.logs import JsonFormatter, KeyValueFormatter, log_handler
+from tests.agent_helpers import running_agent
+from tests.conftest import AppFactory
+from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 
 API_TOKEN = f"api-secret-{uuid.uuid4().hex}"
 AGENT_TOKEN = f"agent-secret-{uuid.uuid4().hex}"
@@ -110,14 +110,14 @@ async def test_no_token_is_ever_logged_and_job_lines_name_job_vm_and_host(
     assert failed["host_uuid"] == hosts[refusing] and "401" in failed["reason"]
     # No line of the worker or the removal is about a job without naming it.
     for line in json_lines(captured_logs):
-        if line["logger"] in ("app.worker", "app.removal") and "job" in line["message"]:
+        if line["logger"] in ("app.service.jobs.worker", "app.service.removal.run") and "job" in line["message"]:
             assert "job_id" in line and "vm_uuid" in line, line
 
 
 def test_lines_are_json_for_collectors_and_key_value_for_people() -> None:
     record = logging.makeLogRecord(
         {
-            "name": "app.removal",
+            "name": "app.service.removal.run",
             "levelname": "WARNING",
             "msg": "host delete failed",
             "job_id": "j1",
@@ -125,8 +125,12 @@ def test_lines_are_json_for_collectors_and_key_value_for_people() -> None:
         }
     )
     entry = json.loads(JsonFormatter().format(record))
-    assert entry["message"] == "host delete failed" and entry["level"] == "warning" and entry["logger"] == "app.removal"
+    assert (
+        entry["message"] == "host delete failed"
+        and entry["level"] == "warning"
+        and entry["logger"] == "app.service.removal.run"
+    )
     assert entry["job_id"] == "j1" and entry["reason"] == "HTTP 500" and entry["time"].endswith("Z")
 
     line = KeyValueFormatter().format(record)
-    assert line.endswith('app.removal: host delete failed job_id=j1 reason="HTTP 500"')
+    assert line.endswith('app.service.removal.run: host delete failed job_id=j1 reason="HTTP 500"')

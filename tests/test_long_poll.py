@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from agent_helpers import running_agent
-from conftest import AppFactory
-from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
+
+from tests.agent_helpers import running_agent
+from tests.conftest import AppFactory
+from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
 
 # Generous: the machine is shared, and these bound "promptly", not a latency figure.
 PROMPT_SECONDS = 15.0

@@ -6,12 +6,12 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from conftest import create_database
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.migrate import downgrade, upgrade
-from app.models import Base
+from app.service.db.migrate import downgrade, upgrade
+from app.service.db.models import Base
+from tests.conftest import create_database
 
 OUR_TABLES = set(Base.metadata.tables)
 TRIGGER_FUNCTIONS = {"notify_job_changed", "notify_job_host_changed"}
@@ -52,7 +52,7 @@ def triggers(connection: Connection) -> set[str]:
 
 
 def schema_differences(connection: Connection) -> list[Any]:
-    """What autogenerate would change to make the database match app/models.py (nothing, when they agree)."""
+    """What autogenerate would change to make the database match app/service/db/models.py (nothing, when they agree)."""
     context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
     return list(compare_metadata(context, Base.metadata))
 

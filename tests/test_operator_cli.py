@@ -9,13 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_helpers import running_agent
-from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 from typer.testing import CliRunner, Result
 
-from app.cli import cli
-from app.local_stack import LocalProcess, free_port, service_process
-from app.operator_cli import EXIT_FAILED, EXIT_ORPHANS, EXIT_SUCCEEDED, fetch_all
+from app.operator.cli import EXIT_FAILED, EXIT_ORPHANS, EXIT_SUCCEEDED, fetch_all
+from app.service.commands import cli
+from devtools.local_stack import LocalProcess, free_port, service_process
+from tests.agent_helpers import running_agent
+from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 
 API_TOKEN = f"cli-api-token-{uuid.uuid4().hex}"
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
-from agent_helpers import running_agent
 from sqlalchemy import make_url
+
+from tests.agent_helpers import running_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"

@@ -7,10 +7,10 @@ import uuid
 from pathlib import Path
 
 import httpx
-from agent_helpers import running_recording_agent
-from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 
-from app.audit import audit
+from app.service.audit import audit
+from tests.agent_helpers import running_recording_agent
+from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 
 
 async def orphans_of(client: httpx.AsyncClient, host: str) -> list[dict[str, object]]:

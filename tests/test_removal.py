@@ -7,11 +7,11 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_helpers import running_agent, running_recording_agent
-from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
 from sqlalchemy import text
 
-from app.local_stack import free_port
+from devtools.local_stack import free_port
+from tests.agent_helpers import running_agent, running_recording_agent
+from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
 
 
 async def db_rows(client: httpx.AsyncClient, sql: str, **params: Any) -> list[Any]:

@@ -6,8 +6,9 @@ from typing import Any
 
 import httpx
 import pytest
-from inventory_helpers import put_host, put_vm
-from problem_helpers import assert_problem
+
+from tests.inventory_helpers import put_host, put_vm
+from tests.problem_helpers import assert_problem
 
 AGENT_URL = "http://127.0.0.1:8100"
 JSON = {"content-type": "application/json"}

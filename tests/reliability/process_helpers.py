@@ -24,17 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from agent_helpers import Handler, RecordingAgent, running_app
 from aiohttp import web
-from conftest import create_database
-from inventory_helpers import add_file, make_files, put_host, put_vm
 from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.audit import AuditReport, audit
-from app.db import create_engine, create_session_factory
-from app.local_stack import free_port
-from app.migrate import upgrade
+from app.service.audit import AuditReport, audit
+from app.service.db.engine import create_engine, create_session_factory
+from app.service.db.migrate import upgrade
+from devtools.local_stack import free_port
+from tests.agent_helpers import Handler, RecordingAgent, running_app
+from tests.conftest import create_database
+from tests.inventory_helpers import add_file, make_files, put_host, put_vm
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

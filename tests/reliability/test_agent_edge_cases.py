@@ -16,11 +16,11 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
-from agent_helpers import running_agent
-from conftest import AppFactory
-from inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 
-from app.audit import audit
+from app.service.audit import audit
+from tests.agent_helpers import running_agent
+from tests.conftest import AppFactory
+from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 
 pytestmark = pytest.mark.reliability
 

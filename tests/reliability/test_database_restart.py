@@ -10,8 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from pg_helpers import separate_postgres, start_postgres, stop_postgres
-from process_helpers import fault_harness, wait_until
+
+from tests.pg_helpers import separate_postgres, start_postgres, stop_postgres
+from tests.reliability.process_helpers import fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 

@@ -8,7 +8,8 @@ been sent for deletion, none sent again after its host confirmed it, and the aud
 from pathlib import Path
 
 import pytest
-from process_helpers import HOLDS_CALLS, SURVIVOR, fault_harness, wait_until
+
+from tests.reliability.process_helpers import HOLDS_CALLS, SURVIVOR, fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from process_helpers import Host, SeededVm, fault_harness, wait_until
+
+from tests.reliability.process_helpers import Host, SeededVm, fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 

@@ -11,17 +11,17 @@ import asyncpg
 import httpx
 import pytest
 from aiohttp import web
-from conftest import AppFactory
-from inventory_helpers import put_vm, wait_for_job
-from problem_helpers import assert_problem
-from process_helpers import fault_harness, wait_until
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.agent_server import create_agent_app
-from app.api.limits import MAX_BODY_BYTES
-from app.audit import audit
-from app.db import asyncpg_dsn, recorded_statements
+from app.agent.server import create_agent_app
+from app.service.api.limits import MAX_BODY_BYTES
+from app.service.audit import audit
+from app.service.db.engine import asyncpg_dsn, recorded_statements
+from tests.conftest import AppFactory
+from tests.inventory_helpers import put_vm, wait_for_job
+from tests.problem_helpers import assert_problem
+from tests.reliability.process_helpers import fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from conftest import test_settings as service_settings
-from pg_helpers import create_migrated_database
 from schemathesis.engine import Status, events
 from schemathesis.engine.recorder import ScenarioRecorder
 from schemathesis.python import asgi
 
-from app.main import create_app
+from app.service.main import create_app
+from tests.conftest import test_settings as service_settings
+from tests.pg_helpers import create_migrated_database
 
 pytestmark = pytest.mark.reliability
 

@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
-from process_helpers import fault_harness, wait_until
+
+from tests.reliability.process_helpers import fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from process_helpers import HOLDS_CALLS, SURVIVOR, FaultHarness, SeededVm, fault_harness, wait_until
+
+from tests.reliability.process_helpers import HOLDS_CALLS, SURVIVOR, FaultHarness, SeededVm, fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 

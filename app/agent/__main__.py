@@ -1,0 +1,5 @@
+"""`python -m app.agent`: the host agent alone."""
+
+from app.agent.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""`python -m app agent` (or `vtpm-agent`): the host agent's command line.
+
+It uses argparse, not the service's typer and rich: the agent runs as root on every KVM host and loads
+nothing but aiohttp, pydantic and the standard library (tests/test_layout.py checks it).
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from contextlib import suppress
+from pathlib import Path
+
+from app.agent.server import serve_agent
+
+
+def parser() -> argparse.ArgumentParser:
+    """The agent's options, as CONTRACT.md names them."""
+    options = argparse.ArgumentParser(
+        prog="python -m app agent",
+        description="Run the host agent that deletes a VM's TPM state and NVRAM files under ROOT.",
+    )
+    options.add_argument(
+        "--root",
+        type=Path,
+        required=True,
+        help="only files whose real path lies under this folder are deleted",
+    )
+    options.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    options.add_argument("--port", type=int, default=8100, help="port to listen on (default: %(default)s)")
+    options.add_argument(
+        "--token",
+        default=os.environ.get("AGENT_TOKEN"),
+        help="bearer token callers must send (default: the AGENT_TOKEN environment variable)",
+    )
+    options.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="default: %(default)s")
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the options and serve until interrupted."""
+    options = parser().parse_args(argv)
+    if not options.root.is_dir():
+        parser().error(f"--root: {options.root} is not a directory")
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with suppress(KeyboardInterrupt):
+        asyncio.run(serve_agent(options.root, host=options.host, port=options.port, token=options.token))

@@ -1,0 +1,71 @@
+"""The host-agent protocol (CONTRACT.md, "The host agent protocol"), defined once for both of its ends.
+
+The service's agent client builds its requests and checks the answers with these models; the shipped agent
+parses requests and writes its answers with them; the test agents use them too. Nothing here imports more than
+pydantic and the standard library, since the agent runs on every KVM host.
+"""
+
+from typing import Annotated, Literal, get_args
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+# The operation the service calls on every host, and the agent's liveness check.
+DELETE_PATH = "/host-files/delete"
+HEALTH_PATH = "/healthz"
+
+FileType = Literal["TpmState", "NvRam"]
+FILE_TYPES: tuple[str, ...] = get_args(FileType)
+
+# A recorded path is bounded to PATH_MAX: a longer one cannot name a file on a host.
+MAX_PATH_BYTES = 4096
+# A request lists one VM's files on one host: a handful in practice, but a few thousand paths must fit.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
+class _Message(BaseModel):
+    """A protocol message: immutable, and strict about types so that `"path": 1` is no path."""
+
+    model_config = ConfigDict(frozen=True, strict=True)
+
+
+class FileToDelete(_Message):
+    """One file an agent is asked to delete."""
+
+    path: str
+    type: FileType
+
+
+class DeleteRequest(_Message):
+    """The body of `POST {agent_url}/host-files/delete`: one VM's files on one host."""
+
+    vm_uuid: UUID
+    files: list[FileToDelete]
+
+
+class DeleteSucceeded(_Message):
+    """Every requested path is gone: deleted now, or missing already (which counts as removed)."""
+
+    success: Literal[True] = True
+    deleted: list[str]
+    missing: list[str]
+
+
+class DeleteFailed(_Message):
+    """The agent deleted nothing it could vouch for; `error` says why."""
+
+    success: Literal[False] = False
+    error: str
+
+
+DeleteAnswer = Annotated[DeleteSucceeded | DeleteFailed, Field(discriminator="success")]
+DELETE_ANSWER: TypeAdapter[DeleteSucceeded | DeleteFailed] = TypeAdapter(DeleteAnswer)
+
+
+def describe_invalid(error: ValidationError, *, most: int = 3) -> str:
+    """A message that did not validate, said in one short line: where each problem is, and what it is."""
+    problems = [
+        f"{'.'.join(str(part) for part in item['loc']) or 'body'}: {item['msg']}" for item in error.errors()[:most]
+    ]
+    more = error.error_count() - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")

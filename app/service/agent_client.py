@@ -1,0 +1,229 @@
+"""Client for the host-agent protocol: asks one host's agent to delete a VM's files.
+
+Every way a host can misbehave (refuse, err, hang, drop the connection, answer nonsense) comes back
+as a `HostDeleteResult` with `ok=False` and a short reason, never as an exception, because the
+removal job treats a failed host as data (its files become orphans), not as a crash.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+from pydantic import ValidationError
+
+from app.protocol import DELETE_ANSWER, DELETE_PATH, DeleteFailed, DeleteRequest, FileToDelete, describe_invalid
+from app.service.metrics import AGENT_CALL_DURATION, AGENT_CALLS_TOTAL
+
+__all__ = ["AgentClient", "FileToDelete", "HostDeleteResult", "agent_session"]
+
+logger = logging.getLogger(__name__)
+
+# An answer lists at most the paths we sent plus a few bytes of JSON per path; anything far larger is
+# a broken or hostile agent, and reading it whole would let one host eat the process's memory.
+_MIN_ANSWER_LIMIT = 1024 * 1024
+_ANSWER_LIMIT_FACTOR = 4
+_READ_CHUNK = 64 * 1024
+
+# How many unconfirmed paths a reason names before it summarises the rest, so that the reason
+# stays short enough for a log line and the job's `error` column.
+_PATHS_NAMED_IN_REASON = 3
+# An agent's own error text is echoed into our reason; bounding it keeps a chatty agent from
+# filling logs and the database.
+_MAX_AGENT_ERROR_CHARS = 300
+
+Outcome = Literal["ok", "failed", "timeout", "unreachable"]
+
+
+@dataclass(frozen=True)
+class HostDeleteResult:
+    """What one host's delete call came to."""
+
+    ok: bool
+    """True only for a 200 with success:true and every requested path in deleted or missing."""
+    deleted: list[str]
+    missing: list[str]
+    error: str | None
+    """Short human reason when not ok, e.g. "HTTP 500" or "timeout after 10s"."""
+
+
+class _CallFailed(Exception):
+    """Ends one call early with the outcome label and reason that the result and metrics carry."""
+
+    def __init__(self, outcome: Outcome, reason: str) -> None:
+        super().__init__(reason)
+        self.outcome: Outcome = outcome
+        self.reason = reason
+
+
+def agent_session(concurrency: int) -> aiohttp.ClientSession:
+    """The one HTTP session a process calls agents through: `concurrency` connections, kept alive between calls."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
+        # Agent calls are bounded by AgentClient; a timer of the session's own for every call (its default is
+        # 5 minutes) would bound nothing more and cost each call another timer.
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+class AgentClient:
+    """Calls host agents over one shared aiohttp session, with a bound on calls in flight."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        timeout_seconds: float,
+        concurrency: int,
+        token: str | None = None,
+    ) -> None:
+        if timeout_seconds <= 0:
+            raise ValueError("timeout_seconds must be positive")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._session = session
+        self._timeout_seconds = timeout_seconds
+        self._slots = asyncio.Semaphore(concurrency)
+        self._token = token
+
+    async def delete_files(self, agent_url: str, vm_uuid: uuid.UUID, files: Sequence[FileToDelete]) -> HostDeleteResult:
+        """Ask the agent at `agent_url` to delete `files` of `vm_uuid`; never raises but on cancellation.
+
+        The time spent waiting for a free slot is not part of the timeout: under load a call queues
+        behind others, and only the call itself (connect, send, read the whole answer) is bounded.
+        A call that cannot even connect counts as "unreachable"; once connected, anything short of
+        a complete, confirming answer counts as "failed" (or "timeout").
+        """
+        url = agent_url.rstrip("/") + DELETE_PATH
+        body = DeleteRequest(vm_uuid=vm_uuid, files=list(files)).model_dump_json().encode()
+        requested = [f.path for f in files]
+        async with self._slots:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self._timeout_seconds):
+                    answer = await self._post(url, body)
+                result = _interpret_answer(answer, requested)
+                outcome: Outcome = "ok"
+            except TimeoutError:
+                outcome = "timeout"
+                result = _failure(f"timeout after {self._timeout_seconds:g}s")
+            except _CallFailed as failure:
+                outcome = failure.outcome
+                result = _failure(failure.reason)
+            AGENT_CALL_DURATION.observe(time.perf_counter() - started)
+        AGENT_CALLS_TOTAL.labels(outcome=outcome).inc()
+        logger.debug(
+            "agent call done vm_uuid=%s agent_url=%s count=%d outcome=%s error=%s",
+            vm_uuid,
+            agent_url,
+            len(files),
+            outcome,
+            result.error,
+        )
+        return result
+
+    async def _post(self, url: str, body: bytes) -> bytes:
+        """Send the request and return the body of a 200 answer, or raise _CallFailed."""
+        headers = {"Content-Type": "application/json"}
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
+        limit = max(_MIN_ANSWER_LIMIT, _ANSWER_LIMIT_FACTOR * len(body))
+        try:
+            # The call's one timer is asyncio.timeout in the caller; the session adds none of its own (see
+            # agent_session). Redirects are not followed: an agent has no reason to send one, and following it
+            # would carry the bearer token to another address.
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+                if response.status != 200:
+                    raise _CallFailed("failed", await _http_error_reason(response, limit))
+                raw = await _read_limited(response, limit)
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+            raise _CallFailed("unreachable", f"invalid agent URL: {exc}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise _CallFailed("unreachable", _connect_error_reason(exc)) from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise _CallFailed("failed", "connection closed by agent before answering") from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise _CallFailed("failed", "answer cut short (connection closed mid-body)") from exc
+        except TimeoutError:
+            # aiohttp's own timeouts are TimeoutErrors too; the caller reports them as a timeout.
+            raise
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _CallFailed("failed", f"connection error: {_describe(exc)}") from exc
+        return raw
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read the whole answer body, failing as soon as it grows past `limit` bytes."""
+    if response.content_length is not None:
+        if response.content_length > limit:
+            raise _CallFailed("failed", "answer too large")
+        # aiohttp reads no more than the declared length.
+        return await response.read()
+    data = bytearray()
+    async for chunk in response.content.iter_chunked(_READ_CHUNK):
+        data += chunk
+        if len(data) > limit:
+            raise _CallFailed("failed", "answer too large")
+    return bytes(data)
+
+
+async def _http_error_reason(response: aiohttp.ClientResponse, limit: int) -> str:
+    """Describe a non-200 answer as "HTTP <status>", plus the agent's error text when it gave one."""
+    reason = f"HTTP {response.status}"
+    try:
+        answer = DeleteFailed.model_validate_json(await _read_limited(response, limit))
+    except (_CallFailed, aiohttp.ClientError, OSError, ValidationError):
+        # The status already says the call failed; a body we cannot read adds nothing worth a
+        # different reason.
+        return reason
+    return f"{reason}: {_shorten(answer.error)}"
+
+
+def _interpret_answer(raw: bytes, requested: Sequence[str]) -> HostDeleteResult:
+    """Turn a 200 answer into a result, checking it against the protocol and that every requested path is confirmed."""
+    try:
+        answer = DELETE_ANSWER.validate_json(raw)
+    except ValidationError as exc:
+        if any(problem["type"] == "json_invalid" for problem in exc.errors()):
+            raise _CallFailed("failed", "invalid JSON") from exc
+        raise _CallFailed("failed", f"invalid answer: {_shorten(describe_invalid(exc))}") from exc
+    if isinstance(answer, DeleteFailed):
+        raise _CallFailed("failed", f"agent error: {_shorten(answer.error)}")
+    confirmed = set(answer.deleted) | set(answer.missing)
+    unconfirmed = list(dict.fromkeys(p for p in requested if p not in confirmed))
+    if unconfirmed:
+        named = ", ".join(unconfirmed[:_PATHS_NAMED_IN_REASON])
+        rest = len(unconfirmed) - _PATHS_NAMED_IN_REASON
+        more = f" (and {rest} more)" if rest > 0 else ""
+        raise _CallFailed("failed", f"paths not confirmed: {named}{more}")
+    return HostDeleteResult(ok=True, deleted=answer.deleted, missing=answer.missing, error=None)
+
+
+def _failure(reason: str) -> HostDeleteResult:
+    """Build the result of a failed call."""
+    return HostDeleteResult(ok=False, deleted=[], missing=[], error=reason)
+
+
+def _connect_error_reason(exc: aiohttp.ClientConnectorError) -> str:
+    """Describe why a connection could not be opened, without aiohttp's long wording."""
+    if isinstance(exc.os_error, ConnectionRefusedError):
+        return "connection refused"
+    return f"cannot connect: {_describe(exc.os_error)}"
+
+
+def _describe(exc: BaseException) -> str:
+    """Give an exception's short description, falling back to its type name when it has no text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _shorten(str(exc)) or type(exc).__name__
+
+
+def _shorten(text: str) -> str:
+    """Cut text that goes into a reason to a length that fits a log line."""
+    if len(text) <= _MAX_AGENT_ERROR_CHARS:
+        return text
+    return text[: _MAX_AGENT_ERROR_CHARS - 3] + "..."

@@ -1,0 +1,110 @@
+"""Every error answer as RFC 9457 problem+json, and the exceptions that become one."""
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.service.db.engine import is_database_unavailable
+from app.service.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER_SECONDS = 5
+
+
+def problem(status: int, detail: str, *, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A problem+json answer with the standard title of `status`."""
+    title = HTTPStatus(status).phrase
+    return JSONResponse(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def _describe_validation(errors: list[Any]) -> str:
+    parts = []
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            parts.append(f"body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}")
+            continue
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _on_service_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ServiceError)
+    return problem(error.status, error.detail)
+
+
+async def _on_http_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).description
+    return problem(error.status_code, detail, headers=getattr(error, "headers", None))
+
+
+async def _on_validation_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return problem(422, _describe_validation(list(error.errors())))
+
+
+async def _on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    if is_database_unavailable(error):
+        return problem(
+            503,
+            "the database is unavailable; try again shortly",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    log.error("unhandled error", exc_info=error, extra={"path": request.url.path})
+    return problem(500, "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every 4xx/5xx of `app` a problem+json answer."""
+    app.add_exception_handler(ServiceError, _on_service_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    # The errors of an unreachable database are also registered by class, so that Starlette's
+    # ExceptionMiddleware answers them; the catch-all `Exception` handler runs in ServerErrorMiddleware,
+    # which re-raises after answering: a traceback per call during an outage, and an error in ASGI clients.
+    # asyncpg's own errors come from the statements that run past SQLAlchemy (app.service.db.engine.DriverStatement).
+    for error_class in (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        app.add_exception_handler(error_class, _on_unexpected_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
+
+
+# What the answers that many routes share mean, for readers of the schema.
+_PROBLEM_DESCRIPTIONS = {
+    401: "API_TOKEN is set and the request lacks `Authorization: Bearer <API_TOKEN>`",
+    413: "The request body is larger than 1 MiB",
+    503: "The database cannot be reached; try again after `Retry-After` seconds",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}}
+
+
+# For the OpenAPI schema: the answers every route may give besides its own.
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for problem+json answers with these statuses."""
+    from app.service.schemas import Problem
+
+    # The schema goes under problem+json itself (a `model` would file it under application/json,
+    # a media type these answers never have).
+    content = {PROBLEM_JSON: {"schema": Problem.model_json_schema()}}
+    return {
+        status: {
+            "description": _PROBLEM_DESCRIPTIONS.get(status, HTTPStatus(status).phrase),
+            "content": content,
+            **({"headers": _RETRY_AFTER} if status == 503 else {}),
+        }
+        for status in statuses
+    }

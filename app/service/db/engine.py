@@ -1,0 +1,208 @@
+"""The database engine and session factory, and how a settings object becomes a database URL."""
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from sqlalchemy import TextClause, event, make_url, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.util.concurrency import greenlet_spawn
+
+from app.service.db.embedded import start_embedded_postgres
+from app.service.db.fair_pool import FairAsyncQueuePool
+from app.service.settings import Settings
+
+# How long a connection attempt may take before the database counts as unreachable (answers 503).
+CONNECT_TIMEOUT_SECONDS = 3.0
+# How long one statement of the service may wait for the database's answer: a database that accepts
+# connections but does not answer (frozen, cut off by the network) makes calls fail (503) instead of hang.
+COMMAND_TIMEOUT_SECONDS = 5.0
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The SQLAlchemy URL to use: DATABASE_URL, or the embedded server's, started on demand."""
+    if settings.database_url:
+        return settings.database_url
+    return start_embedded_postgres(settings.data_dir)
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """The same URL in the plain form asyncpg.connect takes (for the LISTEN connection)."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_engine(
+    database_url: str,
+    *,
+    pool_size: int = 20,
+    command_timeout: float | None = None,
+    idle_transaction_timeout: float = 0,
+    synchronous_commit: bool = True,
+) -> AsyncEngine:
+    """An engine whose pool survives database restarts and fails fast while the database is down.
+
+    `command_timeout` bounds every statement in seconds; None leaves long statements alone.
+    `idle_transaction_timeout` has the server end a session that sits inside a transaction that many seconds
+    without a statement: its process is stalled (paused, starved), and the row locks it holds must not keep
+    other processes from taking its jobs over. 0 leaves such sessions be.
+    `synchronous_commit=False` lets a commit return before its WAL is on disk: for work that is redone when
+    lost (see app.service.main), not for anything a caller is told is done.
+    """
+    engine = create_async_engine(
+        database_url,
+        # Connections are handed out in the order they were asked for (see app/service/db/fair_pool.py).
+        poolclass=FairAsyncQueuePool,
+        pool_size=pool_size,
+        # A fixed pool: under load, overflow connections were opened and closed again by the hundred per
+        # second, each a new server process whose statements are prepared anew (docs/BENCHMARK.md).
+        max_overflow=0,
+        pool_timeout=CONNECT_TIMEOUT_SECONDS,
+        pool_recycle=1800,
+        connect_args={
+            "timeout": CONNECT_TIMEOUT_SECONDS,
+            "command_timeout": command_timeout,
+            "server_settings": {
+                "application_name": "vtpm",
+                "idle_in_transaction_session_timeout": str(round(idle_transaction_timeout * 1000)),
+                "synchronous_commit": "on" if synchronous_commit else "off",
+            },
+        },
+    )
+    # Not pool_pre_ping: on asyncpg it costs three round trips (BEGIN, a ping, ROLLBACK) on every checkout,
+    # a third of a removal's database work (see docs/BENCHMARK.md). A connection the server closed (restart,
+    # shutdown) is already known closed to asyncpg and is replaced here at no cost; one that breaks during a
+    # statement fails that call (503) and SQLAlchemy then replaces every older connection of the pool.
+    event.listen(engine.sync_engine.pool, "checkout", _replace_if_closed)
+    return engine
+
+
+def _replace_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    if dbapi_connection.driver_connection.is_closed():
+        raise sa_exc.DisconnectionError("connection closed by the database server")
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions whose objects stay readable after commit, as the API answers from them."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@dataclass(frozen=True)
+class DriverStatement:
+    """A fixed statement that runs on asyncpg itself, past SQLAlchemy's execution layer.
+
+    For the few statements every removal runs (queue, claim, plan, outcomes, cleanup): SQLAlchemy's execution of a
+    statement cost two to three times the CPU of asyncpg's own (`python -m bench.statements`, README). The statement is
+    written as a `text()` with named parameters like every other and compiled once into asyncpg's numbered ones.
+    Each runs alone, without a transaction around it (it is atomic by itself), on a connection of the engine's pool
+    (`driver_connection`), so pooling, timeouts and the replacement of closed connections stay the engine's.
+    """
+
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, clause: TextClause) -> "DriverStatement":
+        """Compile `clause` for asyncpg."""
+        compiled = clause.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
+        return cls(str(compiled), tuple(compiled.positiontup or ()))
+
+    async def fetch(self, connection: asyncpg.Connection, params: Mapping[str, Any]) -> list[asyncpg.Record]:
+        """Run the statement with `params` (by name) and return its rows."""
+        rows: list[asyncpg.Record] = await connection.fetch(self.sql, *(params[name] for name in self.names))
+        return rows
+
+
+@asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the engine's pool as asyncpg's own, outside any transaction: each statement commits alone.
+
+    Checked out of the pool without a SQLAlchemy Connection around it: a DriverStatement then costs 56 µs of CPU
+    instead of 64-66 (`python -m bench.statements`). The pool's checkout check and its order of waiters apply.
+    """
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    try:
+        pooled = await engine.raw_connection()
+    except dbapi_error as error:
+        # engine.connect() wraps a failed connect in SQLAlchemy's DBAPIError, which the outage handling knows;
+        # raw_connection() does not.
+        raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error) from error
+    try:
+        yield pooled.driver_connection
+    finally:
+        # As SQLAlchemy's AsyncConnection does: back to the pool even when the caller is being cancelled.
+        await asyncio.shield(greenlet_spawn(pooled.close))
+
+
+@asynccontextmanager
+async def recorded_statements(engine: AsyncEngine) -> AsyncIterator[list[tuple[str, tuple[Any, ...]]]]:
+    """Every statement sent on connections the engine hands out while the block runs, with its parameter values:
+    SQLAlchemy's and DriverStatements' alike. For the tests and the benchmark that count a job's statements."""
+    statements: list[tuple[str, tuple[Any, ...]]] = []
+    logged: set[asyncpg.Connection] = set()
+
+    def on_sqlalchemy(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        values = parameters.values() if isinstance(parameters, dict) else parameters or ()
+        statements.append((statement, tuple(values)))
+
+    def on_driver(query: asyncpg.connection.LoggedQuery) -> None:
+        statements.append((query.query, tuple(query.args)))
+
+    def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        driver = dbapi_connection.driver_connection
+        if driver not in logged:
+            driver.add_query_logger(on_driver)
+            logged.add(driver)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", on_sqlalchemy)
+    event.listen(engine.sync_engine.pool, "checkout", on_checkout)
+    try:
+        yield statements
+    finally:
+        # asyncpg calls its query loggers soon after each statement, not during it.
+        await asyncio.sleep(0)
+        event.remove(engine.sync_engine.pool, "checkout", on_checkout)
+        event.remove(engine.sync_engine, "before_cursor_execute", on_sqlalchemy)
+        for driver in logged:
+            driver.remove_query_logger(on_driver)
+
+
+def is_database_unavailable(error: BaseException) -> bool:
+    """Whether an error means the database could not be reached, as opposed to a bad statement."""
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        error = error.orig if error.orig is not None else error
+        # asyncpg's own error travels as __cause__ of the DBAPI adapter's exception.
+        if error.__cause__ is not None:
+            error = error.__cause__
+    if isinstance(error, sa_exc.TimeoutError):  # the pool could not hand out a connection in time
+        return True
+    return isinstance(
+        error,
+        OSError
+        | asyncio.TimeoutError
+        | asyncpg.exceptions.ConnectionDoesNotExistError
+        | asyncpg.exceptions.CannotConnectNowError
+        | asyncpg.exceptions.AdminShutdownError
+        | asyncpg.exceptions.ConnectionFailureError
+        | asyncpg.exceptions.TooManyConnectionsError
+        | asyncpg.exceptions.InterfaceError,
+    ) or (
+        isinstance(error, asyncpg.exceptions.PostgresError) and getattr(error, "sqlstate", "").startswith(("08", "57P"))
+    )
+
+
+async def ping(engine: AsyncEngine, timeout: float = 1.0) -> bool:
+    """Whether the database answers a trivial query within `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False

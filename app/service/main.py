@@ -1,0 +1,164 @@
+"""The FastAPI application: routers, error handling, and the lifespan that owns every shared resource."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from functools import partial
+
+from fastapi import APIRouter, Depends, FastAPI
+
+from app.service.agent_client import AgentClient, agent_session
+from app.service.api import health, hosts, jobs, orphans, tpm, vms
+from app.service.api.deps import require_token
+from app.service.api.docs import add_offline_docs
+from app.service.api.errors import install_error_handlers, problem_responses
+from app.service.api.limits import BodySizeLimit
+from app.service.db.engine import (
+    COMMAND_TIMEOUT_SECONDS,
+    asyncpg_dsn,
+    create_engine,
+    create_session_factory,
+    resolve_database_url,
+)
+from app.service.db.notify import Notifications
+from app.service.jobs.worker import Worker
+from app.service.metrics import HttpMetrics
+from app.service.orphans.reaper import OrphanReaper
+from app.service.removal.run import Removal
+from app.service.request_id import add_request_ids
+from app.service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# Unless SHUTDOWN_GRACE_SECONDS says otherwise, a stopping process lets its running jobs go on this much
+# longer than an agent call may take before it hands them back.
+SHUTDOWN_GRACE_MARGIN_SECONDS = 2.0
+# A transaction left idle longer than a job lease belongs to a stalled process, whose lease has run out too: the
+# server ends it, so that the job row it locked can be taken over. Never sooner than this, so that a busy process
+# between two statements is not taken for a stalled one.
+STALLED_TRANSACTION_MIN_SECONDS = 10.0
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Create the engine, the HTTP client, the LISTEN connection and the worker; close them in reverse."""
+    settings: Settings = app.state.settings
+    database_url = app.state.database_url or resolve_database_url(settings)
+    if settings.api_token is None:
+        log.warning("API_TOKEN is not set: the API accepts every caller")
+    # Two pools of DB_POOL_SIZE each: the API's and the worker's, so that a flood of requests cannot leave
+    # running jobs waiting for a connection (and, past the pool timeout, for their lease to run out).
+    new_engine = partial(
+        create_engine,
+        database_url,
+        pool_size=settings.db_pool_size,
+        command_timeout=COMMAND_TIMEOUT_SECONDS,
+        idle_transaction_timeout=max(settings.job_lease_seconds, STALLED_TRANSACTION_MIN_SECONDS),
+    )
+    engine = new_engine()
+    # The worker's commits do not wait for the disk. Every commit that sends NOTIFY (a job's claim, plan and
+    # cleanup all do) holds PostgreSQL's one notification lock until it is durable, so with synchronous commits
+    # the jobs of every replica queued behind each other's disk flushes (docs/BENCHMARK.md). What a database
+    # crash can cost is the last moment of worker commits, and every one of them is redone then: a claim or
+    # plan lost is made again, outcomes and cleanup lost leave the job running, to be resumed (agents answer
+    # `missing` for files already gone), an orphan confirmation lost is retried. The API's commits stay
+    # synchronous: what a caller is told (202 with a job, 201 with a record) is on disk, and each such commit
+    # makes every earlier worker commit durable too.
+    worker_engine = new_engine(synchronous_commit=False)
+    sessions = create_session_factory(engine)
+    http = agent_session(settings.agent_concurrency)
+    agent = AgentClient(
+        http,
+        timeout_seconds=settings.agent_timeout_seconds,
+        concurrency=settings.agent_concurrency,
+        token=settings.agent_token.get_secret_value() if settings.agent_token else None,
+    )
+    notifications = Notifications(asyncpg_dsn(database_url))
+    listener = asyncio.create_task(notifications.run(), name="listen")
+    worker = Worker(
+        worker_engine,
+        Removal(worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds),
+        OrphanReaper(
+            create_session_factory(worker_engine),
+            agent,
+            retry_seconds=settings.orphan_retry_seconds,
+            retry_max_seconds=settings.orphan_retry_max_seconds,
+            call_timeout_seconds=settings.agent_timeout_seconds,
+        ),
+        notifications,
+        lease_seconds=settings.job_lease_seconds,
+        poll_seconds=settings.worker_poll_seconds,
+        max_jobs=settings.worker_max_jobs,
+        max_failures=settings.job_max_failures,
+    )
+    app.state.engine = engine
+    app.state.worker_engine = worker_engine
+    app.state.sessions = sessions
+    app.state.agent = agent
+    app.state.notifications = notifications
+    app.state.worker = worker
+    if app.state.run_worker:
+        worker.start()
+    try:
+        yield
+    finally:
+        if app.state.run_worker:
+            grace = settings.shutdown_grace_seconds
+            if grace is None:
+                grace = settings.agent_timeout_seconds + SHUTDOWN_GRACE_MARGIN_SECONDS
+            await worker.stop(grace_seconds=grace)
+        listener.cancel()
+        with suppress(asyncio.CancelledError):
+            await listener
+        await http.close()
+        await engine.dispose()
+        await worker_engine.dispose()
+
+
+def create_app(
+    settings: Settings | None = None, *, database_url: str | None = None, run_worker: bool = True
+) -> FastAPI:
+    """The service's ASGI app; `database_url` overrides the settings (tests), `run_worker` runs jobs here."""
+    app = FastAPI(
+        title="vTPM cleanup service",
+        version="0.1.0",
+        description=(
+            "Removes a VM's virtual TPM: deletes its state files (and NVRAM unless the VM uses secure "
+            "boot) on every KVM host that holds them, then the database records and the TPM's key-provider "
+            "binding in one transaction. Host deletes are best-effort: a host that fails is reported in "
+            "the job and its files become orphan files, retried until the host confirms.\n\n"
+            "Every error is `application/problem+json` (RFC 9457). When `API_TOKEN` is set, every endpoint "
+            "but health, metrics and the docs needs `Authorization: Bearer <token>` (use Authorize)."
+        ),
+        lifespan=lifespan,
+        # Served by add_offline_docs from installed assets instead of a CDN.
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings or get_settings()
+    app.state.database_url = database_url
+    app.state.run_worker = run_worker
+    app.state.stopping = asyncio.Event()
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit)
+    app.add_middleware(HttpMetrics)
+    add_request_ids(app)
+    app.include_router(health.router)
+    add_offline_docs(app)
+    protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 503))
+    for module in (hosts, vms, tpm, jobs, orphans):
+        protected.include_router(module.router)
+    app.include_router(protected)
+    return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """A stop was asked for: take no new job and end every long-poll now.
+
+    uvicorn lets open requests drain before the lifespan's shutdown runs; without this, open long-polls
+    would hold a stopping process for up to their wait, and its worker would go on claiming meanwhile.
+    """
+    app.state.stopping.set()
+    if app.state.run_worker:
+        app.state.worker.stop_claiming()

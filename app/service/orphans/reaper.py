@@ -1,0 +1,159 @@
+"""Orphan files: files whose host did not confirm their deletion, retried with backoff until it does."""
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from uuid import UUID, uuid4
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult
+from app.service.db.models import Host, OrphanFile
+from app.service.pagination import Page, cursor_uuid, decode_cursor, page_of
+
+log = logging.getLogger(__name__)
+
+# The claim pushes next_attempt_at past the end of the agent call, so no replica takes the same orphans
+# while the call is in flight; a process that dies mid-call leaves them due again after that.
+# An orphan whose path on its host is recorded again (a new TPM of the VM writes its state where the old
+# one was) waits: deleting that path would delete the live file. It is retried once that record is gone.
+_CLAIM_DUE = text("""
+UPDATE orphan_files SET claim_token = :token, next_attempt_at = now() + :hold * interval '1 second'
+WHERE uuid IN (
+    SELECT uuid FROM orphan_files WHERE next_attempt_at <= now()
+        AND NOT EXISTS (
+            SELECT 1 FROM host_files
+            WHERE host_files.host_uuid = orphan_files.host_uuid AND host_files.path = orphan_files.path
+        )
+    ORDER BY next_attempt_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING uuid, host_uuid, vm_uuid, job_id, path, type
+""")
+
+_CONFIRM = text("""
+WITH gone AS (
+    DELETE FROM orphan_files WHERE uuid = ANY(CAST(:uuids AS uuid[])) AND claim_token = :token
+    RETURNING uuid, host_uuid, path, job_id
+)
+INSERT INTO confirmed_deletions (file_uuid, host_uuid, path, job_id)
+SELECT uuid, host_uuid, path, job_id FROM gone
+ON CONFLICT (file_uuid) DO NOTHING
+""")
+
+# Exponential backoff from ORPHAN_RETRY_SECONDS, capped, with ±20 % jitter so that the orphans of many
+# hosts that failed together do not all come due in the same instant forever. One jitter for a whole
+# group keeps a host's orphans due together, so they keep going out in one call.
+_BACK_OFF = text("""
+UPDATE orphan_files SET
+    attempts = attempts + 1,
+    last_error = :error,
+    claim_token = NULL,
+    next_attempt_at = now()
+        + least(:cap, :base * power(2, attempts)) * :jitter * interval '1 second'
+WHERE uuid = ANY(CAST(:uuids AS uuid[])) AND claim_token = :token
+""")
+
+
+async def list_orphans(
+    session: AsyncSession, *, host_uuid: UUID | None, limit: int, after: str | None
+) -> Page[OrphanFile]:
+    """A page of orphan files, optionally of one host, in a stable order."""
+    statement = select(OrphanFile).order_by(OrphanFile.uuid).limit(limit + 1)
+    if host_uuid is not None:
+        statement = statement.where(OrphanFile.host_uuid == host_uuid)
+    if after is not None:
+        (last_uuid,) = decode_cursor(after, 1)
+        statement = statement.where(OrphanFile.uuid > cursor_uuid(last_uuid))
+    return page_of(list(await session.scalars(statement)), limit, lambda o: [str(o.uuid)])
+
+
+@dataclass(frozen=True)
+class _OrphanGroup:
+    """Due orphans one removal job left of one VM on one host: the protocol's one delete call."""
+
+    host_uuid: UUID
+    vm_uuid: UUID
+    job_id: UUID | None
+    agent_url: str
+    uuids: list[UUID]
+    files: list[FileToDelete]
+
+    def log_fields(self) -> dict[str, str]:
+        """The fields every log line about this retry carries: the job, VM and host, as the job's own lines."""
+        return {"job_id": str(self.job_id), "vm_uuid": str(self.vm_uuid), "host_uuid": str(self.host_uuid)}
+
+
+class OrphanReaper:
+    """Retries due orphan files, one call per host, VM and job, all hosts at once."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        agent: AgentClient,
+        *,
+        retry_seconds: float,
+        retry_max_seconds: float,
+        call_timeout_seconds: float,
+    ) -> None:
+        self._sessions = sessions
+        self._agent = agent
+        self._retry_seconds = retry_seconds
+        self._retry_max_seconds = retry_max_seconds
+        self._hold_seconds = 2 * call_timeout_seconds + 5
+
+    async def retry_due(self, limit: int = 1000) -> int:
+        """Retry up to `limit` due orphans; how many were tried."""
+        token = uuid4()
+        groups = await self._claim(token, limit)
+        await asyncio.gather(*(self._retry_group(token, group) for group in groups))
+        return sum(len(g.uuids) for g in groups)
+
+    async def _claim(self, token: UUID, limit: int) -> list[_OrphanGroup]:
+        async with self._sessions() as session, session.begin():
+            rows = list(await session.execute(_CLAIM_DUE, {"token": token, "hold": self._hold_seconds, "limit": limit}))
+            if not rows:
+                return []
+            host_uuids = {row.host_uuid for row in rows}
+            hosts = await session.execute(select(Host.uuid, Host.agent_url).where(Host.uuid.in_(host_uuids)))
+            urls = {host_uuid: agent_url for host_uuid, agent_url in hosts}
+        grouped: dict[tuple[UUID, UUID, UUID | None], _OrphanGroup] = {}
+        for row in rows:
+            key = (row.host_uuid, row.vm_uuid, row.job_id)
+            if key not in grouped:
+                grouped[key] = _OrphanGroup(row.host_uuid, row.vm_uuid, row.job_id, urls[row.host_uuid], [], [])
+            grouped[key].uuids.append(row.uuid)
+            grouped[key].files.append(FileToDelete(path=row.path, type=row.type))
+        return list(grouped.values())
+
+    async def _retry_group(self, token: UUID, group: _OrphanGroup) -> None:
+        result = await self._agent.delete_files(group.agent_url, group.vm_uuid, group.files)
+        try:
+            await self._record(token, group, result)
+        except Exception as error:
+            # The claim's hold runs out and the orphans come due again: nothing is lost.
+            log.warning("could not record orphan retry", extra={**group.log_fields(), "reason": repr(error)})
+
+    async def _record(self, token: UUID, group: _OrphanGroup, result: HostDeleteResult) -> None:
+        async with self._sessions() as session, session.begin():
+            if result.ok:
+                await session.execute(_CONFIRM, {"uuids": group.uuids, "token": token})
+                log.info("orphan files deleted", extra={**group.log_fields(), "files": len(group.uuids)})
+                return
+            await session.execute(
+                _BACK_OFF,
+                {
+                    "uuids": group.uuids,
+                    "token": token,
+                    "error": result.error,
+                    "base": self._retry_seconds,
+                    "cap": self._retry_max_seconds,
+                    "jitter": random.uniform(0.8, 1.2),
+                },
+            )
+        log.warning(
+            "orphan retry failed", extra={**group.log_fields(), "files": len(group.uuids), "reason": result.error}
+        )
