@@ -7,11 +7,10 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StrictBool
 
-FileType = Literal["TpmState", "NvRam"]
+from app.protocol import MAX_PATH_BYTES, FileType
+
 JobState = Literal["queued", "running", "succeeded", "failed"]
 HostState = Literal["pending", "deleted", "failed"]
-
-MAX_PATH_BYTES = 4096
 
 
 def _utc_rfc3339(value: datetime) -> str:

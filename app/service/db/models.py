@@ -25,7 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-FILE_TYPES = ("TpmState", "NvRam")
+from app.protocol import FILE_TYPES
+
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 ACTIVE_JOB_STATES = ("queued", "running")
 HOST_STATES = ("pending", "deleted", "failed")
