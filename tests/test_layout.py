@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICE_ONLY = ("sqlalchemy", "asyncpg", "alembic", "fastapi", "httpx", "rich", "typer", "uvicorn", "starlette")
 
 # Runs the agent's command line as `python -m MODULE ARGS` would, then lists the service's modules it loaded.
-_PROBE = """
+_PROBE = f"""
 import json, runpy, sys
 module, *args = sys.argv[1:]
 sys.argv = [module, *args]
@@ -20,8 +20,8 @@ try:
 except SystemExit:
     pass
 import app.agent.server  # the server too, not only the help text
-print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] in %r)))
-""" % (SERVICE_ONLY,)
+print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] in {SERVICE_ONLY!r})))
+"""
 
 
 @pytest.mark.parametrize("command", [["app", "agent", "--help"], ["app.agent", "--help"]], ids=" ".join)
