@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from app.agent.server import create_agent_app
+from app.agent.server import answer, create_agent_app
 from app.protocol import DeleteFailed, DeleteSucceeded
 from devtools.slow_agent import answering_after
 
@@ -31,11 +31,6 @@ async def running_app(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
-
-
-def protocol_answer(message: DeleteSucceeded | DeleteFailed, status: int = 200) -> web.Response:
-    """An agent's answer, written with the protocol's models as the shipped agent writes it."""
-    return web.Response(body=message.model_dump_json(), status=status, content_type="application/json")
 
 
 @asynccontextmanager
@@ -86,11 +81,11 @@ class RecordingAgent:
             if self.mode == "http500":
                 return web.Response(status=500, text="boom")
             if self.mode == "success_false":
-                return protocol_answer(DeleteFailed(error="disk on fire"))
+                return answer(DeleteFailed(error="disk on fire"))
             if self.mode == "bad_json":
                 return web.Response(text="{not json", content_type="application/json")
             if self.mode == "partial":
-                return protocol_answer(DeleteSucceeded(deleted=[], missing=[]))
+                return answer(DeleteSucceeded(deleted=[], missing=[]))
             return await handler(request)
         finally:
             self.in_flight -= 1

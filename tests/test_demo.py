@@ -22,7 +22,9 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_the_demo_removes_a_tpm_then_retries_an_orphan_and_cleans_up_after_itself() -> None:
-    result = subprocess.run([sys.executable, "-m", "devtools.demo"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "devtools.demo"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for claim in (
         "✓ remove exits 0 when every host confirmed",

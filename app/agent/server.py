@@ -81,8 +81,9 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def _answer(message: DeleteSucceeded | DeleteFailed, status: int = 200) -> web.Response:
-    return web.Response(body=message.model_dump_json(), status=status, content_type="application/json")
+def answer(message: DeleteSucceeded | DeleteFailed, status: int = 200) -> web.Response:
+    """An answer of the protocol, as the agent (and the test agents standing in for it) sends it."""
+    return web.Response(text=message.model_dump_json(), status=status, content_type="application/json")
 
 
 async def delete_host_files(request: web.Request) -> web.Response:
@@ -90,17 +91,17 @@ async def delete_host_files(request: web.Request) -> web.Response:
     expected_token = request.app.get(_TOKEN_KEY)
     if expected_token is not None and not _bearer_matches(request, expected_token):
         logger.warning("delete refused reason=unauthorized remote=%s", request.remote)
-        return _answer(DeleteFailed(error="unauthorized"), status=401)
+        return answer(DeleteFailed(error="unauthorized"), status=401)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return _answer(DeleteFailed(error="request body too large"), status=413)
+        return answer(DeleteFailed(error="request body too large"), status=413)
     try:
         delete = DeleteRequest.model_validate_json(raw)
     except ValidationError as exc:
         reason = describe_invalid(exc)
         logger.warning("delete rejected reason=bad_request error=%r", reason)
-        return _answer(DeleteFailed(error=f"bad request: {reason}"), status=400)
+        return answer(DeleteFailed(error=f"bad request: {reason}"), status=400)
     vm_uuid = delete.vm_uuid
     # A path listed twice would otherwise come back both deleted and missing.
     paths = list(dict.fromkeys(f.path for f in delete.files))
@@ -113,7 +114,7 @@ async def delete_host_files(request: web.Request) -> web.Response:
         logger.warning(
             "delete refused vm_uuid=%s count=%d root=%s reason=%r", vm_uuid, len(paths), root, outcome.refused
         )
-        return _answer(DeleteFailed(error=outcome.refused))
+        return answer(DeleteFailed(error=outcome.refused))
     if outcome.errors:
         logger.error(
             "delete failed vm_uuid=%s count=%d deleted=%d missing=%d root=%s errors=%r",
@@ -124,7 +125,7 @@ async def delete_host_files(request: web.Request) -> web.Response:
             root,
             outcome.errors,
         )
-        return _answer(DeleteFailed(error="; ".join(outcome.errors)))
+        return answer(DeleteFailed(error="; ".join(outcome.errors)))
     logger.info(
         "files deleted vm_uuid=%s count=%d deleted=%d missing=%d root=%s",
         vm_uuid,
@@ -133,7 +134,7 @@ async def delete_host_files(request: web.Request) -> web.Response:
         len(outcome.missing),
         root,
     )
-    return _answer(DeleteSucceeded(deleted=outcome.deleted, missing=outcome.missing))
+    return answer(DeleteSucceeded(deleted=outcome.deleted, missing=outcome.missing))
 
 
 def _bearer_matches(request: web.Request, token: str) -> bool:
