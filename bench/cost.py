@@ -16,8 +16,10 @@ from sqlalchemy import Connection, event
 
 from app.service.agent_client import AgentClient
 from app.service.db.engine import create_engine, driver_connection, recorded_statements
+from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import claim_jobs
-from app.service.removal.run import LeaseClock, Removal, request_removal
+from app.service.removal.request import request_removal
+from app.service.removal.run import Removal
 from bench.seed import FileSpec, Seeder
 
 _LEASE_SECONDS = 30.0

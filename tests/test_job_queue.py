@@ -12,8 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.service.db.engine import driver_connection, recorded_statements
 from app.service.errors import LeaseLostError
+from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim, claim_jobs
-from app.service.removal.run import LeaseClock, Removal
+from app.service.removal.run import Removal
 from tests.agent_helpers import running_recording_agent
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
 

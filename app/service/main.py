@@ -78,7 +78,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     listener = asyncio.create_task(notifications.run(), name="listen")
     worker = Worker(
         worker_engine,
-        Removal(worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds),
+        {"remove-tpm": Removal(worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds).run},
         OrphanReaper(
             create_session_factory(worker_engine),
             agent,

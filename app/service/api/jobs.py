@@ -12,7 +12,7 @@ from app.service.api.deps import AfterQuery, LimitQuery, SessionDep
 from app.service.api.errors import problem_responses
 from app.service.api.links import set_next_link
 from app.service.db.notify import Notifications, wait_for_any
-from app.service.jobs import queue as jobs
+from app.service.jobs import reads as jobs
 from app.service.pagination import DEFAULT_LIMIT
 from app.service.schemas import JobOut
 

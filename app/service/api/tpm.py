@@ -8,7 +8,7 @@ from app.service.api.deps import EngineDep, SessionDep
 from app.service.api.errors import problem_responses
 from app.service.api.jobs import job_response
 from app.service.inventory import service as inventory
-from app.service.removal import run as removal
+from app.service.removal import request as removal
 from app.service.schemas import HostFileOut, JobOut, TpmIn, TpmOut, TpmWithFilesOut
 
 router = APIRouter(prefix="/vms/{vm_uuid}/tpm", tags=["tpm"])
@@ -41,7 +41,7 @@ async def create_tpm(vm_uuid: UUID, body: TpmIn, session: SessionDep) -> TpmOut:
 async def get_tpm(vm_uuid: UUID, session: SessionDep) -> TpmWithFilesOut:
     async with session.begin():
         tpm, key_provider_uuid = await inventory.get_tpm(session, vm_uuid)
-        files = await inventory.list_files_removed_with_tpm(session, vm_uuid)
+        files = await removal.list_files_removed_with_tpm(session, vm_uuid)
     return TpmWithFilesOut(
         uuid=tpm.uuid,
         vm_uuid=tpm.vm_uuid,

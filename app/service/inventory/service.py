@@ -3,7 +3,7 @@
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
-from sqlalchemy import Boolean, ColumnElement, exists, func, literal_column, or_, select, type_coerce
+from sqlalchemy import Boolean, exists, func, literal_column, select, type_coerce
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -93,26 +93,6 @@ async def get_tpm(session: AsyncSession, vm_uuid: UUID) -> tuple[Tpm, UUID | Non
     if row is None:
         raise NotFoundError(f"VM {vm_uuid} has no TPM")
     return row[0], row[1]
-
-
-def removed_with_tpm() -> ColumnElement[bool]:
-    """Which of a VM's host files go with its TPM: state files always, NVRAM unless secure boot keeps it.
-
-    Backups are host files like the others and follow the same rule. Needs `vms` joined to `host_files`.
-    """
-    return or_(HostFile.type == "TpmState", Vm.secure_boot.is_(False))
-
-
-async def list_files_removed_with_tpm(session: AsyncSession, vm_uuid: UUID) -> list[HostFile]:
-    """The VM's host files that removing its TPM would delete (state files and, without secure boot, NVRAM)."""
-    await get_vm(session, vm_uuid)
-    result = await session.scalars(
-        select(HostFile)
-        .join(Vm, Vm.uuid == HostFile.vm_uuid)
-        .where(HostFile.vm_uuid == vm_uuid, removed_with_tpm())
-        .order_by(HostFile.host_uuid, HostFile.path)
-    )
-    return list(result)
 
 
 async def add_host_file(session: AsyncSession, vm_uuid: UUID, body: HostFileIn) -> HostFile:

@@ -1,11 +1,13 @@
 """The worker inside every `serve` process: claims jobs, keeps their leases, runs the orphan reaper.
 
-Nothing here knows what a removal does; it hands each claimed job to `Removal.run`.
+Nothing here knows what a job does: it hands each claimed job to the handler registered for the job's `type`
+(app/service/main.py registers them). Adding a job type means adding a handler, not a branch here.
 """
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -13,23 +15,27 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.service.db.engine import create_session_factory, driver_connection, is_database_unavailable
 from app.service.db.notify import Notifications, wait_for_any
 from app.service.errors import LeaseLostError
+from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim, claim_jobs, record_job_failure, release_job, renew_leases
 from app.service.metrics import JOBS_TOTAL, refresh_gauges
 from app.service.orphans.reaper import OrphanReaper
-from app.service.removal.run import LeaseClock, Removal
 
 log = logging.getLogger(__name__)
 
 _GAUGE_REFRESH_SECONDS = 5.0
 
+JobHandler = Callable[[JobClaim, LeaseClock], Awaitable[int]]
+"""Carries a claimed job to its end, its writes fenced by the claim; the number of orphan files it left.
+Raises LeaseLostError once the job is another process's."""
+
 
 class Worker:
-    """Runs up to `max_jobs` removal jobs at once and the orphan reaper, until stopped."""
+    """Runs up to `max_jobs` jobs at once, each by the handler of its type, and the orphan reaper, until stopped."""
 
     def __init__(
         self,
         engine: AsyncEngine,
-        removal: Removal,
+        handlers: Mapping[str, JobHandler],
         reaper: OrphanReaper,
         notifications: Notifications,
         *,
@@ -40,7 +46,7 @@ class Worker:
     ) -> None:
         self._engine = engine
         self._sessions = create_session_factory(engine)
-        self._removal = removal
+        self._handlers = dict(handlers)
         self._reaper = reaper
         self._notifications = notifications
         self._lease_seconds = lease_seconds
@@ -125,7 +131,12 @@ class Worker:
 
     async def _run_job(self, claim: JobClaim, lease: LeaseClock) -> None:
         try:
-            orphans = await self._removal.run(claim, lease)
+            handler = self._handlers.get(claim.job_type)
+            if handler is None:
+                # A job type this process does not know (a newer replica's, during a rolling upgrade): it fails
+                # the step like any other error, and is retried by a process that knows it.
+                raise LookupError(f"no handler for job type {claim.job_type!r}")
+            orphans = await handler(claim, lease)
             JOBS_TOTAL.labels(state="succeeded").inc()
             log.info("job succeeded", extra={**claim.log_fields(), "orphan_files": orphans})
         except LeaseLostError:

@@ -11,51 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult
 from app.service.db.models import Host, OrphanFile
+from app.service.db.queries import load_queries
 from app.service.pagination import Page, cursor_uuid, decode_cursor, page_of
 
 log = logging.getLogger(__name__)
 
-# The claim pushes next_attempt_at past the end of the agent call, so no replica takes the same orphans
-# while the call is in flight; a process that dies mid-call leaves them due again after that.
-# An orphan whose path on its host is recorded again (a new TPM of the VM writes its state where the old
-# one was) waits: deleting that path would delete the live file. It is retried once that record is gone.
-_CLAIM_DUE = text("""
-UPDATE orphan_files SET claim_token = :token, next_attempt_at = now() + :hold * interval '1 second'
-WHERE uuid IN (
-    SELECT uuid FROM orphan_files WHERE next_attempt_at <= now()
-        AND NOT EXISTS (
-            SELECT 1 FROM host_files
-            WHERE host_files.host_uuid = orphan_files.host_uuid AND host_files.path = orphan_files.path
-        )
-    ORDER BY next_attempt_at
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-)
-RETURNING uuid, host_uuid, vm_uuid, job_id, path, type
-""")
-
-_CONFIRM = text("""
-WITH gone AS (
-    DELETE FROM orphan_files WHERE uuid = ANY(CAST(:uuids AS uuid[])) AND claim_token = :token
-    RETURNING uuid, host_uuid, path, job_id
-)
-INSERT INTO confirmed_deletions (file_uuid, host_uuid, path, job_id)
-SELECT uuid, host_uuid, path, job_id FROM gone
-ON CONFLICT (file_uuid) DO NOTHING
-""")
-
-# Exponential backoff from ORPHAN_RETRY_SECONDS, capped, with ±20 % jitter so that the orphans of many
-# hosts that failed together do not all come due in the same instant forever. One jitter for a whole
-# group keeps a host's orphans due together, so they keep going out in one call.
-_BACK_OFF = text("""
-UPDATE orphan_files SET
-    attempts = attempts + 1,
-    last_error = :error,
-    claim_token = NULL,
-    next_attempt_at = now()
-        + least(:cap, :base * power(2, attempts)) * :jitter * interval '1 second'
-WHERE uuid = ANY(CAST(:uuids AS uuid[])) AND claim_token = :token
-""")
+QUERIES = load_queries(__file__)
 
 
 async def list_orphans(
@@ -114,7 +75,11 @@ class OrphanReaper:
 
     async def _claim(self, token: UUID, limit: int) -> list[_OrphanGroup]:
         async with self._sessions() as session, session.begin():
-            rows = list(await session.execute(_CLAIM_DUE, {"token": token, "hold": self._hold_seconds, "limit": limit}))
+            rows = list(
+                await session.execute(
+                    text(QUERIES["claim_due"]), {"token": token, "hold": self._hold_seconds, "limit": limit}
+                )
+            )
             if not rows:
                 return []
             host_uuids = {row.host_uuid for row in rows}
@@ -140,11 +105,11 @@ class OrphanReaper:
     async def _record(self, token: UUID, group: _OrphanGroup, result: HostDeleteResult) -> None:
         async with self._sessions() as session, session.begin():
             if result.ok:
-                await session.execute(_CONFIRM, {"uuids": group.uuids, "token": token})
+                await session.execute(text(QUERIES["confirm"]), {"uuids": group.uuids, "token": token})
                 log.info("orphan files deleted", extra={**group.log_fields(), "files": len(group.uuids)})
                 return
             await session.execute(
-                _BACK_OFF,
+                text(QUERIES["back_off"]),
                 {
                     "uuids": group.uuids,
                     "token": token,

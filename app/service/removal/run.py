@@ -4,7 +4,8 @@ Host calls come before the database transaction, never after it: a record is del
 file's fate is known (confirmed gone, or kept as an orphan to retry), so nothing on a host is ever left
 without a record pointing at it. The key-provider binding goes in that same transaction as the records,
 so a TPM state file is never left on disk without the binding of the key that can read it while
-its deletion is unconfirmed. Every write is fenced by the job's lease token (see app/service/jobs/queue.py).
+its deletion is unconfirmed. Every write is fenced by the job's lease token (see app/service/jobs/queue.py);
+the statements are in queries.sql beside this module.
 """
 
 import asyncio
@@ -14,82 +15,25 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
-from sqlalchemy import ColumnElement, text
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult
 from app.service.db.engine import DriverStatement, driver_connection
-from app.service.db.models import ACTIVE_JOB, Job
-from app.service.errors import ConflictError, LeaseLostError, NotFoundError
-from app.service.inventory.service import removed_with_tpm
-from app.service.jobs.queue import FENCED, RENEWED_LEASE, JobClaim, get_job, job_out
-from app.service.schemas import JobOut
+from app.service.db.queries import load_queries
+from app.service.errors import LeaseLostError
+from app.service.jobs.lease import LeaseClock
+from app.service.jobs.queue import JobClaim
 
 log = logging.getLogger(__name__)
 
-
-# A removal's request attempts: each further one follows a change of the VM's state between two statements.
-_REQUEST_ATTEMPTS = 3
-
-
-# The job of a removal, inserted only while the VM has a TPM and no removal under way. The TPM row is locked, so
-# that a TPM being deleted by a finishing removal yields no job rather than one for a TPM that is gone; the
-# partial unique index of active jobs (named by its predicate, ACTIVE_JOB) turns a removal already queued into no
-# row too. It is the whole of the common DELETE: one constant statement, run on asyncpg and its row read without
-# the ORM.
-_QUEUE_REMOVAL = DriverStatement.of(
-    text(f"""
-INSERT INTO jobs (id, vm_uuid, tpm_uuid)
-SELECT :job_id, tpms.vm_uuid, tpms.uuid FROM tpms WHERE tpms.vm_uuid = :vm_uuid FOR UPDATE
-ON CONFLICT (vm_uuid) WHERE {ACTIVE_JOB.text} DO NOTHING
-RETURNING *
-""")
+QUERIES = load_queries(__file__)
+_PLAN, _RECORD_OUTCOMES, _CLEANUP = (
+    DriverStatement.of(text(QUERIES[name])) for name in ("plan", "record_outcomes", "cleanup")
 )
-
-# Why no job was inserted.
-_REMOVAL_STATE = DriverStatement.of(
-    text(f"""
-SELECT (SELECT uuid FROM vms WHERE uuid = :vm_uuid) AS vm,
-       (SELECT id FROM jobs WHERE vm_uuid = :vm_uuid AND {ACTIVE_JOB.text}) AS active_job,
-       (SELECT uuid FROM tpms WHERE vm_uuid = :vm_uuid) AS tpm
-""")
-)
-
-
-async def request_removal(engine: AsyncEngine, vm_uuid: UUID) -> tuple[JobOut, bool]:
-    """Queue the removal of a VM's TPM, or return the removal already under way; the flag tells which.
-
-    Each statement is atomic by itself, so they run without a transaction: the common case is the insert alone, one
-    round trip. However many requests arrive at once, in every replica, the unique index lets exactly one job in;
-    the others read it back, on a connection of their own once the first is back in the pool.
-    """
-    async with driver_connection(engine) as connection:
-        queued_or_active = await _queue_removal(connection, vm_uuid)
-    if not isinstance(queued_or_active, UUID):
-        return job_out(Job(**queued_or_active), hosts=[]), True
-    async with AsyncSession(engine) as session:
-        return await get_job(session, queued_or_active), False
-
-
-async def _queue_removal(connection: asyncpg.Connection, vm_uuid: UUID) -> asyncpg.Record | UUID:
-    """The row of the job inserted, or else the id of the removal under way; NotFoundError or ConflictError."""
-    for _ in range(_REQUEST_ATTEMPTS):
-        if queued := await _QUEUE_REMOVAL.fetch(connection, {"job_id": uuid4(), "vm_uuid": vm_uuid}):
-            return queued[0]
-        ((vm, active, tpm),) = await _REMOVAL_STATE.fetch(connection, {"vm_uuid": vm_uuid})
-        if active is not None:
-            return active
-        if vm is None:
-            raise NotFoundError(f"VM {vm_uuid} does not exist")
-        if tpm is None:
-            raise NotFoundError(f"VM {vm_uuid} has no TPM")
-        # A TPM and no removal under way, yet no job inserted: a removal ended or a TPM was created
-        # between the two statements. Look again.
-    raise ConflictError(f"VM {vm_uuid}'s TPM is changing right now; try again shortly")
 
 
 @dataclass(frozen=True)
@@ -101,145 +45,8 @@ class HostPlan:
     files: list[FileToDelete]
 
 
-class LeaseClock:
-    """The worker's local view of its lease: no host is called once the lease may have run out.
-
-    The local deadline is kept a tenth of the lease short of the database's, since the clock started
-    after the statement that set the lease was sent.
-    """
-
-    def __init__(self, lease_seconds: float) -> None:
-        self.lease_seconds = lease_seconds
-        self._safe_seconds = lease_seconds * 0.9
-        self._valid_until = time.monotonic() + self._safe_seconds
-        self._lost = False
-
-    def renewed(self, at: float) -> None:
-        """The lease was renewed by a statement sent at monotonic time `at`."""
-        self._valid_until = max(self._valid_until, at + self._safe_seconds)
-
-    def lose(self) -> None:
-        """The lease is known to be someone else's."""
-        self._lost = True
-
-    def valid(self) -> bool:
-        """Whether the lease is surely still ours."""
-        return not self._lost and time.monotonic() < self._valid_until
-
-
 # How long the first outcome of a batch waits for the job's other hosts before it is written without them.
 OUTCOME_LINGER_SECONDS = 0.02
-
-
-def _as_sql(clause: ColumnElement[bool]) -> str:
-    """A constant SQLAlchemy expression as PostgreSQL text, to share it with a hand-written statement."""
-    return str(clause.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))  # type: ignore[no-untyped-call]
-
-
-# Each step of a job that writes is one fenced statement (app/service/jobs/queue.py): its CTE `job` updates the job row
-# the claim's token, and every other change is joined to it, so a lost lease changes nothing and the statement
-# answers no row. Data-modifying CTEs all read the snapshot the statement started with; each step
-# below therefore works from what it reads and from its parameters, never from another CTE's effects.
-
-# The plan: fence, then once per job (a resumed job keeps its own) copy its files and count them per host, and
-# answer the files of the hosts still pending. It selects with the same expression that `GET /vms/{uuid}/tpm`
-# previews with. `before` is the job row as the statement found it: whether it was planned already.
-_PLAN = DriverStatement.of(
-    text(f"""
-WITH job AS (
-    UPDATE jobs SET {RENEWED_LEASE}, planned = true
-    FROM jobs AS before
-    WHERE {FENCED} AND before.id = jobs.id
-    RETURNING before.planned AS was_planned
-), planned_files AS (
-    INSERT INTO job_files (job_id, file_uuid, host_uuid, path, type)
-    SELECT :job_id, host_files.uuid, host_files.host_uuid, host_files.path, host_files.type
-    FROM job, host_files JOIN vms ON vms.uuid = host_files.vm_uuid
-    WHERE NOT job.was_planned AND host_files.vm_uuid = :vm_uuid AND ({_as_sql(removed_with_tpm())})
-    RETURNING host_uuid, path, type
-), planned_hosts AS (
-    INSERT INTO job_hosts (job_id, host_uuid, files)
-    SELECT :job_id, host_uuid, count(*) FROM planned_files GROUP BY host_uuid
-), pending AS (
-    SELECT host_uuid, path, type FROM planned_files
-    UNION ALL
-    SELECT job_files.host_uuid, job_files.path, job_files.type
-    FROM job, job_files
-    JOIN job_hosts ON job_hosts.job_id = job_files.job_id AND job_hosts.host_uuid = job_files.host_uuid
-    WHERE job.was_planned AND job_files.job_id = :job_id AND job_hosts.state = 'pending'
-)
-SELECT pending.host_uuid, hosts.agent_url, pending.path, pending.type
-FROM job LEFT JOIN (pending JOIN hosts ON hosts.uuid = pending.host_uuid) ON true
-ORDER BY pending.host_uuid, pending.path
-""")
-)
-
-# Host outcomes as parameters (three arrays of the same length), and their recording on the job's pending hosts
-# once `job` matched. The host UUIDs come as text: asyncpg knows text[] from the start, but would look uuid[] up on
-# each new connection, three more round trips inside the job's statement.
-_OUTCOMES = """outcome AS (
-    SELECT CAST(host AS uuid) AS host_uuid, state, error
-    FROM unnest(CAST(:hosts AS text[]), CAST(:states AS text[]), CAST(:errors AS text[])) AS outcome(host, state, error)
-)"""
-_RECORDED = """recorded AS (
-    UPDATE job_hosts SET state = outcome.state, error = outcome.error
-    FROM job, outcome
-    WHERE job_hosts.job_id = job.id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
-)"""
-
-# Host outcomes that land while other hosts of the job are still being called.
-_RECORD_OUTCOMES = DriverStatement.of(
-    text(f"""
-WITH job AS (
-    UPDATE jobs SET {RENEWED_LEASE} WHERE {FENCED} RETURNING id
-), {_OUTCOMES}, {_RECORDED}
-SELECT id FROM job
-""")
-)
-
-# The cleanup, the job's database work after its host calls, in one statement however many files and hosts it
-# has: the last host outcomes recorded, orphans and confirmations recorded from every host's outcome, file
-# records, key binding and TPM deleted, and the job succeeded, which is also its fence.
-_CLEANUP = DriverStatement.of(
-    text(f"""
-WITH {_OUTCOMES}, host_outcome AS (
-    SELECT job_hosts.host_uuid,
-           CASE WHEN outcome.host_uuid IS NULL THEN job_hosts.state ELSE outcome.state END AS state,
-           CASE WHEN outcome.host_uuid IS NULL THEN job_hosts.error ELSE outcome.error END AS error
-    FROM job_hosts
-    LEFT JOIN outcome ON outcome.host_uuid = job_hosts.host_uuid AND job_hosts.state = 'pending'
-    WHERE job_hosts.job_id = :job_id
-), files AS (
-    SELECT job_files.file_uuid, job_files.host_uuid, job_files.path, job_files.type,
-           host_outcome.state, host_outcome.error
-    FROM job_files JOIN host_outcome ON host_outcome.host_uuid = job_files.host_uuid
-    WHERE job_files.job_id = :job_id
-), job AS (
-    UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_token = NULL, lease_expires_at = NULL,
-        error = NULL, orphan_files = (SELECT count(*) FROM files WHERE state <> 'deleted')
-    WHERE {FENCED}
-    RETURNING id, orphan_files
-), {_RECORDED}, orphans AS (
-    INSERT INTO orphan_files (uuid, host_uuid, vm_uuid, job_id, path, type, attempts, last_error, next_attempt_at)
-    SELECT files.file_uuid, files.host_uuid, :vm_uuid, :job_id, files.path, files.type,
-           1, files.error, now() + :retry * interval '1 second'
-    FROM job, files
-    WHERE files.state <> 'deleted'
-), confirmed AS (
-    INSERT INTO confirmed_deletions (file_uuid, host_uuid, path, job_id)
-    SELECT files.file_uuid, files.host_uuid, files.path, :job_id
-    FROM job, files
-    WHERE files.state = 'deleted'
-), file_records AS (
-    DELETE FROM host_files USING job, files WHERE host_files.uuid = files.file_uuid
-), key_binding AS (
-    DELETE FROM tpm_key_bindings USING job WHERE tpm_key_bindings.tpm_uuid = :tpm_uuid
-), tpm AS (
-    DELETE FROM tpms USING job WHERE tpms.uuid = :tpm_uuid
-)
-SELECT orphan_files FROM job
-""")
-)
 
 
 def _outcome_params(outcomes: Sequence[tuple[UUID, HostDeleteResult]]) -> dict[str, list[Any]]:

@@ -1,0 +1,67 @@
+"""Jobs as the API shows them: one job with its host outcomes, and pages of jobs."""
+
+from uuid import UUID
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.service.db.models import Job, JobHost
+from app.service.errors import NotFoundError
+from app.service.pagination import Page, cursor_uuid, decode_cursor, page_of
+from app.service.schemas import JobHostOut, JobOut
+
+
+async def get_job(session: AsyncSession, job_id: UUID) -> JobOut:
+    """The job as the API shows it, or NotFoundError."""
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise NotFoundError(f"job {job_id} does not exist")
+    return (await _with_hosts(session, [job]))[0]
+
+
+async def list_jobs(session: AsyncSession, *, vm_uuid: UUID | None, limit: int, after: str | None) -> Page[JobOut]:
+    """A page of jobs, newest first, optionally of one VM."""
+    statement = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if vm_uuid is not None:
+        statement = statement.where(Job.vm_uuid == vm_uuid)
+    if after is not None:
+        created_at, last_id = decode_cursor(after, 2)
+        statement = statement.where(
+            text("(jobs.created_at, jobs.id) < (CAST(:after_created AS timestamptz), :after_id)").bindparams(
+                after_created=created_at, after_id=cursor_uuid(last_id)
+            )
+        )
+    jobs = list(await session.scalars(statement))
+    page = page_of(jobs, limit, lambda j: [j.created_at.isoformat(), str(j.id)])
+    return Page(await _with_hosts(session, page.items), page.next_cursor)
+
+
+async def _with_hosts(session: AsyncSession, jobs: list[Job]) -> list[JobOut]:
+    """Attach each job's host outcomes, read in one query for all of them."""
+    hosts: dict[UUID, list[JobHostOut]] = {job.id: [] for job in jobs}
+    if jobs:
+        rows = await session.scalars(
+            select(JobHost).where(JobHost.job_id.in_(hosts)).order_by(JobHost.job_id, JobHost.host_uuid)
+        )
+        for row in rows:
+            hosts[row.job_id].append(
+                JobHostOut(host_uuid=row.host_uuid, files=row.files, state=row.state, error=row.error)
+            )
+    return [job_out(job, hosts[job.id]) for job in jobs]
+
+
+def job_out(job: Job, hosts: list[JobHostOut]) -> JobOut:
+    """The job as the API shows it, given its host outcomes (none before the job is planned)."""
+    return JobOut(
+        id=job.id,
+        type=job.type,
+        vm_uuid=job.vm_uuid,
+        tpm_uuid=job.tpm_uuid,
+        state=job.state,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        hosts=hosts,
+        orphan_files=job.orphan_files,
+        error=job.error,
+    )
