@@ -96,15 +96,16 @@ async def get_tpm(session: AsyncSession, vm_uuid: UUID) -> tuple[Tpm, UUID | Non
 
 
 def removed_with_tpm() -> ColumnElement[bool]:
-    """Which of a VM's host files go with its TPM: state files always, NVRAM unless secure boot keeps it.
+    """Which of a VM's host files go with its TPM: state files and secrets always, NVRAM unless secure boot keeps it.
 
-    Backups are host files like the others and follow the same rule. Needs `vms` joined to `host_files`.
+    Backups are host files like the others and follow the same rule. The libvirt secret encrypts the TPM's
+    state, so it goes with the TPM whatever the VM boots with. Needs `vms` joined to `host_files`.
     """
-    return or_(HostFile.type == "TpmState", Vm.secure_boot.is_(False))
+    return or_(HostFile.type.in_(("TpmState", "Secret")), Vm.secure_boot.is_(False))
 
 
 async def list_files_removed_with_tpm(session: AsyncSession, vm_uuid: UUID) -> list[HostFile]:
-    """The VM's host files that removing its TPM would delete (state files and, without secure boot, NVRAM)."""
+    """The VM's host files that removing its TPM would delete (state files, secrets and, without secure boot, NVRAM)."""
     await get_vm(session, vm_uuid)
     result = await session.scalars(
         select(HostFile)
