@@ -48,6 +48,7 @@ class LibvirtDaemon:
         self.log_path = folder / "libvirtd.log"
         self._process: asyncio.subprocess.Process | None = None
         self._frozen = False
+        self._defined: list[str] = []
 
     @property
     def running(self) -> bool:
@@ -143,6 +144,7 @@ class LibvirtDaemon:
         definition = self.folder / f"{secret}.xml"
         definition.write_text(f"<secret ephemeral='no' private='yes'><uuid>{secret}</uuid>{usage_element}</secret>")
         await self.virsh("secret-define", str(definition))
+        self._defined.append(secret)
         await self.virsh("secret-set-value", secret, "c2VjcmV0IGtleSBvZiB0aGUgdlRQTQ==")
         return secret
 
@@ -151,9 +153,13 @@ class LibvirtDaemon:
         listed = await self.virsh("secret-list")
         return secret in listed
 
-    async def undefine(self, secret: str) -> None:
-        """Drop a secret a test left defined on purpose."""
-        await self.virsh("secret-undefine", secret)
+    async def undefine_leftovers(self) -> None:
+        """Undefine every secret a test defined and left (on purpose, or by failing), so that none stays on the host."""
+        defined, self._defined = self._defined, []
+        listed = await self.virsh("secret-list")
+        for secret in defined:
+            if secret in listed:
+                await self.virsh("secret-undefine", secret)
 
 
 def secret_path(secret: str) -> str:

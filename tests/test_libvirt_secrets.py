@@ -41,11 +41,12 @@ async def module_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIter
 
 @pytest.fixture
 async def libvirtd(module_libvirtd: LibvirtDaemon) -> AsyncIterator[LibvirtDaemon]:
-    """The module's libvirtd, running and answering, whatever the test before did to it."""
+    """The module's libvirtd, answering again after the test (whatever it did to it), with the test's secrets gone."""
     yield module_libvirtd
     module_libvirtd.thaw_if_frozen()
     if not module_libvirtd.running:
         await module_libvirtd.start()
+    await module_libvirtd.undefine_leftovers()
 
 
 async def post_delete(url: str, vm: str, files: list[tuple[str, str]]) -> dict[str, Any]:
@@ -310,27 +311,23 @@ async def test_a_secret_of_another_usage_is_refused_and_the_hosts_files_stay(
     vtpm_secret = await libvirtd.define_secret()
     volume_secret = await libvirtd.define_secret(usage="volume")
     (state,) = make_files(tmp_path, vm, "tpm2-00.permall")
-    try:
-        async with agent_on(tmp_path, libvirtd) as url:
-            host = await put_host(client, url)
-            await add_file(client, vm, host, state)
-            await add_file(client, vm, host, secret_path(vtpm_secret), type="Secret")
-            await add_file(client, vm, host, secret_path(volume_secret), type="Secret")
-            job = await remove_tpm(client, vm)
+    async with agent_on(tmp_path, libvirtd) as url:
+        host = await put_host(client, url)
+        await add_file(client, vm, host, state)
+        await add_file(client, vm, host, secret_path(vtpm_secret), type="Secret")
+        await add_file(client, vm, host, secret_path(volume_secret), type="Secret")
+        job = await remove_tpm(client, vm)
 
-        assert job["state"] == "succeeded" and job["orphan_files"] == 3, job
-        (outcome,) = job["hosts"]
-        assert outcome["state"] == "failed"
-        assert "not a vTPM's (usage 'volume')" in outcome["error"] and volume_secret in outcome["error"]
-        assert await libvirtd.is_defined(volume_secret) and await libvirtd.is_defined(vtpm_secret)
-        assert state.exists()
-        orphans = await orphans_on(client, host)
-        assert sorted((o["path"], o["type"]) for o in orphans) == sorted(
-            [(str(state), "TpmState"), (secret_path(vtpm_secret), "Secret"), (secret_path(volume_secret), "Secret")]
-        )
-    finally:
-        await libvirtd.undefine(volume_secret)
-        await libvirtd.undefine(vtpm_secret)
+    assert job["state"] == "succeeded" and job["orphan_files"] == 3, job
+    (outcome,) = job["hosts"]
+    assert outcome["state"] == "failed"
+    assert "not a vTPM's (usage 'volume')" in outcome["error"] and volume_secret in outcome["error"]
+    assert await libvirtd.is_defined(volume_secret) and await libvirtd.is_defined(vtpm_secret)
+    assert state.exists()
+    orphans = await orphans_on(client, host)
+    assert sorted((o["path"], o["type"]) for o in orphans) == sorted(
+        [(str(state), "TpmState"), (secret_path(vtpm_secret), "Secret"), (secret_path(volume_secret), "Secret")]
+    )
 
 
 async def test_a_stopped_libvirtd_leaves_the_secret_an_orphan_until_it_is_back(
@@ -385,21 +382,17 @@ async def test_a_hung_libvirtd_fails_the_call_within_the_agent_timeout(
     vm = await put_vm(client)
     secret = await libvirtd.define_secret()
     (state,) = make_files(tmp_path, vm, "tpm2-00.permall")
-    try:
-        async with agent_on(tmp_path, libvirtd) as url:
-            host = await put_host(client, url)
-            await add_file(client, vm, host, state)
-            await add_file(client, vm, host, secret_path(secret), type="Secret")
-            libvirtd.freeze()
-            job = await remove_tpm(client, vm)
-            libvirtd.thaw_if_frozen()
-
-        (outcome,) = job["hosts"]
-        assert outcome["state"] == "failed", outcome
-        # The agent's reason, not the service's timeout: the call was answered.
-        assert f"did not answer within {VIRSH_TIMEOUT_SECONDS:g} s" in outcome["error"], outcome
-        assert state.exists() and await libvirtd.is_defined(secret)
-        assert {o["type"] for o in await orphans_on(client, host)} == {"TpmState", "Secret"}
-    finally:
+    async with agent_on(tmp_path, libvirtd) as url:
+        host = await put_host(client, url)
+        await add_file(client, vm, host, state)
+        await add_file(client, vm, host, secret_path(secret), type="Secret")
+        libvirtd.freeze()
+        job = await remove_tpm(client, vm)
         libvirtd.thaw_if_frozen()
-        await libvirtd.undefine(secret)
+
+    (outcome,) = job["hosts"]
+    assert outcome["state"] == "failed", outcome
+    # The agent's reason, not the service's timeout: the call was answered.
+    assert f"did not answer within {VIRSH_TIMEOUT_SECONDS:g} s" in outcome["error"], outcome
+    assert state.exists() and await libvirtd.is_defined(secret)
+    assert {o["type"] for o in await orphans_on(client, host)} == {"TpmState", "Secret"}
