@@ -2,6 +2,7 @@
 (and refusing any other), and the service tracking a secret like a file: plan, orphan, retry, audit."""
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,6 +33,9 @@ async def module_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIter
     """One real libvirtd for the module's tests, on a private socket."""
     reason = missing_requirement()
     if reason is not None:
+        # .ci/run installs what these tests need: in CI, a skip would hide that it did not.
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
         pytest.skip(reason)
     daemon = LibvirtDaemon(tmp_path_factory.mktemp("libvirt"))
     await daemon.start()
