@@ -155,10 +155,10 @@ async def _delete_files(root: Path, libvirt: Libvirt, files: Sequence[FileToDele
     """Check every path against the root and every secret with libvirt, then delete them all, or none if any is refused.
 
     Checking all before deleting any keeps a bad request from half-applying; a libvirt that cannot say
-    what a secret is refuses the request too, since nothing could vouch for it. A delete that fails for
-    another reason than the file being gone does not stop the others: each file deleted is progress the
-    service's retry need not redo, and the failure answer makes it retry the lot. Secrets go last, as the
-    key that encrypts the state is the last thing of a TPM to drop.
+    what a secret is fails the request before anything is deleted, since nothing could vouch for it. A
+    delete that fails for another reason than the file being gone does not stop the others: each file
+    deleted is progress the service's retry need not redo, and the failure answer makes it retry the lot.
+    Secrets go last, as the key that encrypts the state is the last thing of a TPM to drop.
     """
     # A path listed twice would otherwise come back both deleted and missing.
     paths = list(dict.fromkeys(f.path for f in files if f.type != "Secret"))
