@@ -5,6 +5,7 @@ parses requests and writes its answers with them; the test agents use them too. 
 pydantic and the standard library, since the agent runs on every KVM host.
 """
 
+import re
 from typing import Annotated, Literal, get_args
 from uuid import UUID
 
@@ -14,8 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 DELETE_PATH = "/host-files/delete"
 HEALTH_PATH = "/healthz"
 
-FileType = Literal["TpmState", "NvRam"]
+# A `Secret` is a libvirt secret, named by the file libvirt keeps its definition in (`<secret-uuid>.xml`).
+FileType = Literal["TpmState", "NvRam", "Secret"]
 FILE_TYPES: tuple[str, ...] = get_args(FileType)
+
+# libvirt names a secret's definition file after the secret's UUID, which it writes in lowercase.
+_SECRET_FILE_NAME = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.xml")
 
 # A recorded path is bounded to PATH_MAX: a longer one cannot name a file on a host.
 MAX_PATH_BYTES = 4096
@@ -60,6 +65,12 @@ class DeleteFailed(_Message):
 
 DeleteAnswer = Annotated[DeleteSucceeded | DeleteFailed, Field(discriminator="success")]
 DELETE_ANSWER: TypeAdapter[DeleteSucceeded | DeleteFailed] = TypeAdapter(DeleteAnswer)
+
+
+def secret_uuid(path: str) -> str | None:
+    """The UUID of the secret that a `Secret` path names, or None when its last part is no `<lowercase uuid>.xml`."""
+    match = _SECRET_FILE_NAME.fullmatch(path.rsplit("/", 1)[-1])
+    return match.group(1) if match is not None else None
 
 
 def describe_invalid(error: ValidationError, *, most: int = 3) -> str:

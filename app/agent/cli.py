@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 
+from app.agent.secrets import DEFAULT_LIBVIRT_URI, Libvirt
 from app.agent.server import serve_agent
 
 
@@ -19,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     """The agent's options, as CONTRACT.md names them."""
     options = argparse.ArgumentParser(
         prog="python -m app agent",
-        description="Run the host agent that deletes a VM's TPM state and NVRAM files under ROOT.",
+        description="Run the host agent that deletes a VM's TPM state and NVRAM under ROOT, and its vTPM secrets.",
     )
     options.add_argument(
         "--root",
@@ -34,6 +35,11 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("AGENT_TOKEN"),
         help="bearer token callers must send (default: the AGENT_TOKEN environment variable)",
     )
+    options.add_argument(
+        "--libvirt-uri",
+        default=DEFAULT_LIBVIRT_URI,
+        help="libvirt connection that Secret files are undefined through (default: %(default)s)",
+    )
     options.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="default: %(default)s")
     return options
 
@@ -45,4 +51,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser().error(f"--root: {options.root} is not a directory")
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with suppress(KeyboardInterrupt):
-        asyncio.run(serve_agent(options.root, host=options.host, port=options.port, token=options.token))
+        asyncio.run(
+            serve_agent(
+                options.root,
+                host=options.host,
+                port=options.port,
+                token=options.token,
+                libvirt=Libvirt(uri=options.libvirt_uri),
+            )
+        )

@@ -2,7 +2,8 @@
 
 It speaks the host-agent protocol of CONTRACT.md. Confinement follows ZStack's agent: a path is only
 touched when it is absolute, free of ".." and NUL, and both the directory entry named and the file
-it resolves to (links followed) lie under the real path of the root. A request naming even one path
+it resolves to (links followed) lie under the real path of the root. A `Secret` is undefined through
+libvirt, and only when it is a vTPM's (app/agent/secrets.py). A request naming even one path or secret
 that fails these checks deletes nothing.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import ValidationError
 
+from app.agent.secrets import Libvirt, plan_secrets, undefine_secrets
 from app.protocol import (
     DELETE_PATH,
     HEALTH_PATH,
@@ -25,6 +27,7 @@ from app.protocol import (
     DeleteFailed,
     DeleteRequest,
     DeleteSucceeded,
+    FileToDelete,
     describe_invalid,
 )
 
@@ -32,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 _ROOT_KEY = web.AppKey("root", Path)
 _TOKEN_KEY = web.AppKey("token", str)
+_LIBVIRT_KEY = web.AppKey("libvirt", Libvirt)
 
 
 @dataclass
@@ -44,10 +48,11 @@ class _DeleteOutcome:
     errors: list[str] = field(default_factory=list)
 
 
-def create_agent_app(root: Path, *, token: str | None = None) -> web.Application:
-    """Build the agent's web application, confined to `root`, optionally requiring a bearer token."""
+def create_agent_app(root: Path, *, token: str | None = None, libvirt: Libvirt | None = None) -> web.Application:
+    """Build the agent's web application, confined to `root` and `libvirt`, optionally requiring a bearer token."""
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app[_ROOT_KEY] = Path(os.path.realpath(root))
+    app[_LIBVIRT_KEY] = libvirt if libvirt is not None else Libvirt()
     if token is not None:
         app[_TOKEN_KEY] = token
     app.router.add_post(DELETE_PATH, delete_host_files)
@@ -55,9 +60,16 @@ def create_agent_app(root: Path, *, token: str | None = None) -> web.Application
     return app
 
 
-async def serve_agent(root: Path, *, host: str = "127.0.0.1", port: int = 8100, token: str | None = None) -> None:
+async def serve_agent(
+    root: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8100,
+    token: str | None = None,
+    libvirt: Libvirt | None = None,
+) -> None:
     """Run the agent on host:port until cancelled, then shut it down cleanly."""
-    app = create_agent_app(root, token=token)
+    app = create_agent_app(root, token=token, libvirt=libvirt)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
@@ -65,10 +77,11 @@ async def serve_agent(root: Path, *, host: str = "127.0.0.1", port: int = 8100, 
         await site.start()
         for address in runner.addresses:
             logger.info(
-                "agent listening host=%s port=%s root=%s auth=%s",
+                "agent listening host=%s port=%s root=%s libvirt_uri=%s auth=%s",
                 address[0],
                 address[1],
                 app[_ROOT_KEY],
+                app[_LIBVIRT_KEY].uri,
                 "token" if token is not None else "none",
             )
         await asyncio.Event().wait()
@@ -103,23 +116,17 @@ async def delete_host_files(request: web.Request) -> web.Response:
         logger.warning("delete rejected reason=bad_request error=%r", reason)
         return answer(DeleteFailed(error=f"bad request: {reason}"), status=400)
     vm_uuid = delete.vm_uuid
-    # A path listed twice would otherwise come back both deleted and missing.
-    paths = list(dict.fromkeys(f.path for f in delete.files))
-
+    count = len({f.path for f in delete.files})
     root = request.app[_ROOT_KEY]
-    # realpath, lstat and unlink are blocking syscalls; for many files (or a slow disk) they would
-    # stall every other request, so the whole batch runs in a worker thread.
-    outcome = await asyncio.to_thread(_delete_confined, root, paths)
+    outcome = await _delete_files(root, request.app[_LIBVIRT_KEY], delete.files)
     if outcome.refused is not None:
-        logger.warning(
-            "delete refused vm_uuid=%s count=%d root=%s reason=%r", vm_uuid, len(paths), root, outcome.refused
-        )
+        logger.warning("delete refused vm_uuid=%s count=%d root=%s reason=%r", vm_uuid, count, root, outcome.refused)
         return answer(DeleteFailed(error=outcome.refused))
     if outcome.errors:
         logger.error(
             "delete failed vm_uuid=%s count=%d deleted=%d missing=%d root=%s errors=%r",
             vm_uuid,
-            len(paths),
+            count,
             len(outcome.deleted),
             len(outcome.missing),
             root,
@@ -129,7 +136,7 @@ async def delete_host_files(request: web.Request) -> web.Response:
     logger.info(
         "files deleted vm_uuid=%s count=%d deleted=%d missing=%d root=%s",
         vm_uuid,
-        len(paths),
+        count,
         len(outcome.deleted),
         len(outcome.missing),
         root,
@@ -144,20 +151,49 @@ def _bearer_matches(request: web.Request, token: str) -> bool:
     return hmac.compare_digest(given, expected)
 
 
-def _delete_confined(root: Path, paths: Sequence[str]) -> _DeleteOutcome:
-    """Check every path against the root, then delete them all, or none if any is refused.
+async def _delete_files(root: Path, libvirt: Libvirt, files: Sequence[FileToDelete]) -> _DeleteOutcome:
+    """Check every path against the root and every secret with libvirt, then delete them all, or none if any is refused.
 
-    Checking all before deleting any keeps a bad request from half-applying. An unlink that fails
-    for another reason than the file being gone does not stop the others: each file deleted is
-    progress the service's retry need not redo, and the failure answer makes it retry the lot.
+    Checking all before deleting any keeps a bad request from half-applying; a libvirt that cannot say
+    what a secret is fails the request before anything is deleted, since nothing could vouch for it. A
+    delete that fails for another reason than the file being gone does not stop the others: each file
+    deleted is progress the service's retry need not redo, and the failure answer makes it retry the lot.
+    Secrets go last, as the key that encrypts the state is the last thing of a TPM to drop.
     """
+    # A path listed twice would otherwise come back both deleted and missing.
+    paths = list(dict.fromkeys(f.path for f in files if f.type != "Secret"))
+    secrets = list(dict.fromkeys(f.path for f in files if f.type == "Secret"))
+    # realpath, lstat and unlink are blocking syscalls; for many files (or a slow disk) they would
+    # stall every other request, so they run in a worker thread.
+    entries, refusal = await asyncio.to_thread(_confined_entries, root, paths)
+    if refusal is not None:
+        return _DeleteOutcome(refused=refusal)
+    plan = await plan_secrets(libvirt, secrets)
+    if plan.refused is not None:
+        return _DeleteOutcome(refused=plan.refused)
+    if plan.error is not None:
+        return _DeleteOutcome(errors=[plan.error])
+    outcome = await asyncio.to_thread(_unlink_entries, entries)
+    undefined = await undefine_secrets(libvirt, plan)
+    outcome.deleted.extend(undefined.deleted)
+    outcome.missing.extend(undefined.missing)
+    outcome.errors.extend(undefined.errors)
+    return outcome
+
+
+def _confined_entries(root: Path, paths: Sequence[str]) -> tuple[list[tuple[str, str]], str | None]:
+    """Check every path against the root; each path with its entry to unlink, or why the request is refused."""
     entries: list[tuple[str, str]] = []
     for path in paths:
         entry, refusal = _confined_entry(root, path)
         if refusal is not None:
-            return _DeleteOutcome(refused=refusal)
+            return [], refusal
         entries.append((path, entry))
+    return entries, None
 
+
+def _unlink_entries(entries: Sequence[tuple[str, str]]) -> _DeleteOutcome:
+    """Unlink the checked entries; each one gone already is missing, each other failure an error."""
     outcome = _DeleteOutcome()
     for path, entry in entries:
         try:

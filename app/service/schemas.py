@@ -1,13 +1,13 @@
 """Request and response bodies of the HTTP API (pydantic v2)."""
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StrictBool
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StrictBool, model_validator
 
-from app.protocol import MAX_PATH_BYTES, FileType
+from app.protocol import MAX_PATH_BYTES, FileType, secret_uuid
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
 HostState = Literal["pending", "deleted", "failed"]
@@ -112,8 +112,23 @@ class HostFileIn(_Body):
 
     host_uuid: UUID
     path: HostPath
-    type: FileType
-    backup: StrictBool = False
+    type: FileType = Field(
+        description=(
+            "TpmState or NvRam: a file or a directory. Secret: the libvirt secret that encrypts the TPM state,"
+            " named by its definition file, e.g. /etc/libvirt/secrets/<lowercase secret uuid>.xml; the path's"
+            " last part must be that file name, and a Secret is never a backup"
+        ),
+    )
+    backup: StrictBool = Field(default=False, description="a backup copy of a state file; never true for a Secret")
+
+    @model_validator(mode="after")
+    def _check_secret(self) -> Self:
+        if self.type == "Secret":
+            if secret_uuid(self.path) is None:
+                raise ValueError("a Secret's path must end in its lowercase UUID followed by .xml")
+            if self.backup:
+                raise ValueError("a Secret cannot be a backup")
+        return self
 
 
 class HostFileOut(BaseModel):

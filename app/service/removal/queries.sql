@@ -7,7 +7,8 @@
 -- reads and from its parameters, never from another CTE's effects.
 --
 -- Which of a VM's host files go with its TPM: state files and secrets always, NVRAM unless the VM uses secure
--- boot (it holds the boot variables then). Backups follow the same rule. `plan` and `files_removed_with_tpm`
+-- boot (it holds the boot variables then). The libvirt secret encrypts the TPM's state, so it goes with the TPM
+-- whatever the VM boots with. Backups follow the same rule. `plan` and `files_removed_with_tpm`
 -- both select with it.
 
 -- queue_removal --
