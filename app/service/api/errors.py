@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from app.service.db.engine import is_database_unavailable
 from app.service.errors import ServiceError
@@ -47,10 +48,23 @@ async def _on_service_error(_request: Request, error: Exception) -> JSONResponse
     return problem(error.status, error.detail)
 
 
-async def _on_http_error(_request: Request, error: Exception) -> JSONResponse:
+async def _on_http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).description
-    return problem(error.status_code, detail, headers=getattr(error, "headers", None))
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        # Starlette names the methods of the first route of the path only; a path has one route per method.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return problem(error.status_code, detail, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method that some route of the request's path takes."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _on_validation_error(_request: Request, error: Exception) -> JSONResponse:
