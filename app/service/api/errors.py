@@ -12,6 +12,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
+from app.service.api.openapi import PROBLEM_REF, add_problem_component
 from app.service.db.engine import is_database_unavailable
 from app.service.errors import ServiceError
 
@@ -84,7 +85,8 @@ async def _on_unexpected_error(request: Request, error: Exception) -> JSONRespon
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every 4xx/5xx of `app` a problem+json answer."""
+    """Make every 4xx/5xx of `app` a problem+json answer, each documented as the one `Problem` of its schema."""
+    add_problem_component(app)
     app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -109,11 +111,9 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying ag
 # For the OpenAPI schema: the answers every route may give besides its own.
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for problem+json answers with these statuses."""
-    from app.service.schemas import Problem
-
     # The schema goes under problem+json itself (a `model` would file it under application/json,
     # a media type these answers never have).
-    content = {PROBLEM_JSON: {"schema": Problem.model_json_schema()}}
+    content = {PROBLEM_JSON: {"schema": PROBLEM_REF}}
     return {
         status: {
             "description": _PROBLEM_DESCRIPTIONS.get(status, HTTPStatus(status).phrase),
