@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import compile_path
 
 from app.service.api.openapi import PROBLEM_REF, add_problem_component
 from app.service.db.engine import is_database_unavailable
@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 5
+# The keys of an OpenAPI path item that name operations (the others are parameters, servers, ...).
+_HTTP_METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"})
 
 
 def problem(status: int, detail: str, *, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -53,19 +55,21 @@ async def _on_http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).description
     headers = dict(error.headers or {})
-    if error.status_code == 405:
+    allowed = _documented_methods(request) if error.status_code == 405 else None
+    if allowed is not None:
         # Starlette names the methods of the first route of the path only; a path has one route per method.
-        headers["Allow"] = ", ".join(_allowed_methods(request))
+        headers["Allow"] = ", ".join(allowed)
     return problem(error.status_code, detail, headers=headers)
 
 
-def _allowed_methods(request: Request) -> list[str]:
-    """Every method that some route of the request's path takes."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
-            methods |= route.methods
-    return sorted(methods)
+def _documented_methods(request: Request) -> list[str] | None:
+    """The methods the app's OpenAPI schema gives the request's path; None for a path it does not document."""
+    root_path = request.scope.get("root_path", "")
+    path = request.url.path.removeprefix(root_path) if root_path else request.url.path
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].fullmatch(path):
+            return sorted(method.upper() for method in operations if method.upper() in _HTTP_METHODS)
+    return None
 
 
 async def _on_validation_error(_request: Request, error: Exception) -> JSONResponse:
