@@ -127,3 +127,24 @@ async def test_a_cursor_of_the_stated_shape_is_accepted_wherever_it_points(
 )
 async def test_a_jobs_cursor_of_another_shape_is_400(client: httpx.AsyncClient, cursor: str) -> None:
     assert_problem(await client.get(f"/jobs?after={cursor}"), 400)
+
+
+@pytest.mark.parametrize(
+    ("body", "rule"),
+    [
+        ({"name": "kvm", "agent_url": "ftp://kvm-1:21"}, "agent_url: must be an http:// or https:// URL"),
+        ({"name": "kvm", "agent_url": "http://kvm-1:0"}, "optional port (1-65535)"),
+    ],
+)
+async def test_a_value_off_its_pattern_is_refused_with_the_rule_in_words(
+    client: httpx.AsyncClient, body: dict[str, str], rule: str
+) -> None:
+    problem = assert_problem(await client.put(f"/hosts/{uuid.uuid4()}", json=body), 422)
+    assert rule in problem["detail"] and "^" not in problem["detail"], problem
+
+
+async def test_a_relative_host_path_is_refused_with_the_rule_in_words(client: httpx.AsyncClient) -> None:
+    vm_uuid = await put_vm(client)
+    body = {"host_uuid": await put_host(client, AGENT_URL), "path": "var/lib/x", "type": "TpmState"}
+    problem = assert_problem(await client.post(f"/vms/{vm_uuid}/host-files", json=body), 422)
+    assert problem["detail"] == "path: must be an absolute path with no '..' segment and no NUL", problem

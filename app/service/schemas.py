@@ -38,6 +38,12 @@ AGENT_URL_PATTERN = rf"^https?://(?:{_HOST_NAME}|{_IPV6_HOST})(?::{_PORT})?(?:{_
 # One path segment that is not '..': empty, '.', or any run of characters but '/' and NUL that is not '..'.
 _PATH_SEGMENT = r"(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+|\.)?"
 HOST_PATH_PATTERN = f"^(?:/{_PATH_SEGMENT})+$"
+PATTERN_RULES = {
+    AGENT_URL_PATTERN: "must be an http:// or https:// URL of a host, with an optional port (1-65535) and path, "
+    "and no credentials, query or fragment",
+    HOST_PATH_PATTERN: "must be an absolute path with no '..' segment and no NUL",
+}
+"""Each pattern's rule in words, for the detail of an answer that refuses a value."""
 
 
 def _check_path_bytes(value: str) -> str:

@@ -15,6 +15,7 @@ from starlette.routing import compile_path
 from app.service.api.openapi import PROBLEM_REF, add_problem_component
 from app.service.db.engine import is_database_unavailable
 from app.service.errors import ServiceError
+from app.service.schemas import PATTERN_RULES
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,12 @@ def _describe_validation(errors: list[Any]) -> str:
             parts.append(f"body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}")
             continue
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+        rule = (
+            PATTERN_RULES.get(error.get("ctx", {}).get("pattern"))
+            if error.get("type") == "string_pattern_mismatch"
+            else None
+        )
+        parts.append(f"{where}: {rule or error.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
 
 
