@@ -20,7 +20,9 @@ FileType = Literal["TpmState", "NvRam", "Secret"]
 FILE_TYPES: tuple[str, ...] = get_args(FileType)
 
 # libvirt names a secret's definition file after the secret's UUID, which it writes in lowercase.
-_SECRET_FILE_NAME = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.xml")
+# A `Secret` is named by libvirt's definition file of it: `<lowercase secret uuid>.xml`.
+SECRET_FILE_NAME_PATTERN = r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.xml"
+_SECRET_FILE_NAME = re.compile(SECRET_FILE_NAME_PATTERN)
 
 # A recorded path is bounded to PATH_MAX: a longer one cannot name a file on a host.
 MAX_PATH_BYTES = 4096

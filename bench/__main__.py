@@ -32,10 +32,9 @@ from bench.cost import STEPS, measure_job_costs
 from bench.database import fresh_database, postgres_server
 from bench.fleet import agent_fleet
 from bench.load import LoadResult, client_session
-from bench.processes import ServerProcess, child_env, running_server
 from bench.scenarios import FanOutRun, baseline_run, fan_out_run, removal_run, two_host_layouts
 from bench.seed import FileSpec, Seeder
-from devtools.local_stack import free_port
+from devtools.local_stack import LocalProcess, free_port, service_process
 
 # Hosts of the throughput scenario; each VM has files on two of them.
 THROUGHPUT_HOSTS = 10
@@ -206,18 +205,19 @@ async def run(args: argparse.Namespace) -> None:
         report()
         report("== 2a. baseline: bare FastAPI + SQLAlchemy/asyncpg endpoint, one INSERT and commit per request")
         port = free_port()
-        async with running_server(
+        async with LocalProcess(
             ["-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--no-access-log", "--log-level", "warning"],
-            env=child_env(DATABASE_URL=database_url),
             port=port,
             ready_path="/openapi.json",
+            env={"DATABASE_URL": database_url},
             log_path=Path(tempfile.gettempdir()) / f"vtpm-bench-baseline-{os.getpid()}.log",
+            name="baseline",
         ) as baseline:
-            await baseline_run(http, baseline.base_url, args.warmup, concurrency=args.concurrency)
+            await baseline_run(http, baseline.url, args.warmup, concurrency=args.concurrency)
             limits = []
             for _ in range(args.rounds):
                 cpu = baseline.cpu_seconds()
-                limit = await baseline_run(http, baseline.base_url, args.removals, concurrency=args.concurrency)
+                limit = await baseline_run(http, baseline.url, args.removals, concurrency=args.concurrency)
                 cpu = baseline.cpu_seconds() - cpu
                 report(describe_load(f"baseline INSERTs, {args.concurrency} in flight", limit))
                 report(describe_cpu("baseline", cpu, limit.count, limit.ended - limit.started, "request"))
@@ -225,25 +225,18 @@ async def run(args: argparse.Namespace) -> None:
         limit_per_second = statistics.median(limits)
         report(f"baseline INSERTs per second, median of {args.rounds}: {limit_per_second:.0f}/s")
 
-        port = free_port()
-        serve_args = ["-m", "app", "serve", "--port", str(port)]
         # The default AGENT_CONCURRENCY (64) would send a 200-host fan-out in waves of 64.
         settings = {"AGENT_CONCURRENCY": str(max(256, args.fanout_hosts))}
-        log_path = Path(tempfile.gettempdir()) / f"vtpm-bench-service-{os.getpid()}.log"
         service = await stack.enter_async_context(
-            running_server(
-                serve_args,
-                env=child_env(DATABASE_URL=database_url, **settings),
-                port=port,
-                ready_path="/readyz",
-                log_path=log_path,
+            service_process(
+                database_url, Path(tempfile.gettempdir()), name=f"vtpm-bench-service-{os.getpid()}", **settings
             )
         )
         report()
         report(
-            f"service: python {' '.join(serve_args)} with "
+            f"service: python {' '.join(service.args)} with "
             + " ".join(f"{k}={v}" for k, v in settings.items())
-            + f" (log: {log_path})"
+            + f" (log: {service.log_path})"
         )
 
         report()
@@ -251,7 +244,7 @@ async def run(args: argparse.Namespace) -> None:
             f"== 1. fan-out: one VM, one file on each of {args.fanout_hosts} hosts answering after "
             f"{args.fanout_delay * 1000:.0f} ms"
         )
-        runs: list[FanOutRun] = [await fan_out_run(http, database, service.base_url, vm) for vm in fan_out_vms]
+        runs: list[FanOutRun] = [await fan_out_run(http, database, service.url, vm) for vm in fan_out_vms]
         for number, fan_out in enumerate(runs, 1):
             report(
                 f"run {number}: job ran {fan_out.run_seconds * 1000:.0f} ms (finished_at - started_at) on "
@@ -282,12 +275,12 @@ async def run(args: argparse.Namespace) -> None:
             f"answering at once, {args.concurrency} DELETEs in flight, {args.rounds} rounds (after {args.warmup} "
             "warm-up removals)"
         )
-        await removal_run(http, database, service.base_url, warmup_vms, concurrency=args.concurrency)
+        await removal_run(http, database, service.url, warmup_vms, concurrency=args.concurrency)
         rates = []
         async with profiling(service.pid, args.profile):
             for vm_uuids in removal_rounds:
                 cpu = service.cpu_seconds()
-                removals = await removal_run(http, database, service.base_url, vm_uuids, concurrency=args.concurrency)
+                removals = await removal_run(http, database, service.url, vm_uuids, concurrency=args.concurrency)
                 cpu = service.cpu_seconds() - cpu
                 report(describe_load("accepted DELETEs (202) alone", removals.accepted))
                 report(
@@ -337,7 +330,7 @@ async def agent_calls_alone(urls: list[str], root: Path, runs: int, *options: st
 async def measure_memory(
     http: aiohttp.ClientSession,
     database: asyncpg.Connection,
-    service: ServerProcess,
+    service: LocalProcess,
     vm_uuids: list[uuid.UUID],
     concurrency: int,
 ) -> None:
@@ -345,7 +338,7 @@ async def measure_memory(
     await asyncio.sleep(_SETTLE_SECONDS)
     before = service.rss_bytes()
     started = time.monotonic()
-    removals = await removal_run(http, database, service.base_url, vm_uuids, concurrency=concurrency)
+    removals = await removal_run(http, database, service.url, vm_uuids, concurrency=concurrency)
     took = time.monotonic() - started
     await asyncio.sleep(_SETTLE_SECONDS)
     after = service.rss_bytes()

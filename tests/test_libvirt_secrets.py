@@ -19,7 +19,7 @@ from app.agent.server import create_agent_app
 from app.protocol import DELETE_PATH
 from app.service.audit import audit
 from app.service.db.migrate import downgrade, upgrade
-from devtools.local_stack import LocalProcess, free_port
+from devtools.local_stack import agent_process
 from tests.agent_helpers import running_app
 from tests.conftest import AppFactory, create_database
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
@@ -228,14 +228,7 @@ async def test_agent_undefines_a_vtpm_secret_with_its_value_and_counts_an_unknow
 
 async def test_agent_process_undefines_secrets_on_its_libvirt_uri(libvirtd: LibvirtDaemon, tmp_path: Path) -> None:
     secret = await libvirtd.define_secret()
-    port = free_port()
-    agent = LocalProcess(
-        ["agent", "--root", str(tmp_path), "--port", str(port), "--libvirt-uri", libvirtd.uri],
-        port=port,
-        ready_path="/healthz",
-        env={},
-        log_path=tmp_path / "agent.log",
-    )
+    agent = agent_process(tmp_path, tmp_path, options=["--libvirt-uri", libvirtd.uri])
     await asyncio.to_thread(agent.start)
     try:
         answer = await post_delete(agent.url, str(uuid.uuid4()), [(secret_path(secret), "Secret")])

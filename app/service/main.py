@@ -14,6 +14,7 @@ from app.service.api.deps import require_token
 from app.service.api.docs import add_offline_docs
 from app.service.api.errors import install_error_handlers, problem_responses
 from app.service.api.limits import BodySizeLimit
+from app.service.api.openapi import operation_id
 from app.service.db.engine import (
     COMMAND_TIMEOUT_SECONDS,
     asyncpg_dsn,
@@ -132,6 +133,7 @@ def create_app(
             "but health, metrics and the docs needs `Authorization: Bearer <token>` (use Authorize)."
         ),
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
         # Served by add_offline_docs from installed assets instead of a CDN.
         docs_url=None,
         redoc_url=None,

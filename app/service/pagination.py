@@ -1,10 +1,14 @@
-"""Keyset pagination: a page of rows and the opaque cursor that names where the next page starts."""
+"""Keyset pagination: a page of rows and the cursor that names where the next page starts.
 
-import base64
-import binascii
-import json
+A cursor is the sort key of the last row of a page, written so that a regular expression says exactly which
+cursors exist: the OpenAPI schema states that pattern, and every string that matches it names a place in the
+list (rows after it, possibly none).
+"""
+
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 from uuid import UUID
 
@@ -15,9 +19,20 @@ T = TypeVar("T")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 
+_UUID_HEX = "[0-9a-f]{32}"
+# Microseconds since the epoch, the precision of PostgreSQL's timestamptz; 17 digits reach the year 5138.
+_MICROSECONDS = "[0-9]{1,17}"
+UUID_CURSOR_PATTERN = f"^({_UUID_HEX})$"
+"""The cursor of a list sorted by UUID: the last row's UUID as 32 hex digits."""
+TIME_UUID_CURSOR_PATTERN = rf"^({_MICROSECONDS})\.({_UUID_HEX})$"
+"""The cursor of a list sorted by time, then UUID: microseconds since the epoch, a dot, the UUID's hex digits."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
 
 class BadCursorError(ServiceError):
-    """The `after` cursor was not one this service handed out."""
+    """The `after` cursor does not have the shape of this list's cursors."""
 
     status = 400
     title = "Bad Request"
@@ -31,33 +46,37 @@ class Page(Generic[T]):
     next_cursor: str | None
 
 
-def encode_cursor(key: list[str]) -> str:
-    """An opaque cursor for the sort key of the last row of a page."""
-    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+def uuid_cursor(value: UUID) -> str:
+    """The cursor after the row of this UUID (see UUID_CURSOR_PATTERN)."""
+    return value.hex
 
 
-def decode_cursor(cursor: str, length: int) -> list[str]:
-    """The sort key inside a cursor; a cursor that was not ours is a 400."""
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        key = json.loads(base64.urlsafe_b64decode(padded.encode()))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise BadCursorError("the 'after' cursor is not valid") from None
-    if not isinstance(key, list) or len(key) != length or not all(isinstance(k, str) for k in key):
+def time_uuid_cursor(time: datetime, value: UUID) -> str:
+    """The cursor after the row of this time and UUID (see TIME_UUID_CURSOR_PATTERN)."""
+    return f"{(time - _EPOCH) // _MICROSECOND}.{value.hex}"
+
+
+def after_uuid(cursor: str) -> UUID:
+    """The UUID in a cursor of UUID_CURSOR_PATTERN; any other string is a 400."""
+    (value,) = _parts(UUID_CURSOR_PATTERN, cursor)
+    return UUID(hex=value)
+
+
+def after_time_uuid(cursor: str) -> tuple[datetime, UUID]:
+    """The time and UUID in a cursor of TIME_UUID_CURSOR_PATTERN; any other string is a 400."""
+    microseconds, value = _parts(TIME_UUID_CURSOR_PATTERN, cursor)
+    return _EPOCH + int(microseconds) * _MICROSECOND, UUID(hex=value)
+
+
+def _parts(pattern: str, cursor: str) -> tuple[str, ...]:
+    match = re.fullmatch(pattern, cursor)
+    if match is None:
         raise BadCursorError("the 'after' cursor is not valid")
-    return key
+    return match.groups()
 
 
-def cursor_uuid(value: str) -> UUID:
-    """A UUID out of a decoded cursor; anything else is a 400."""
-    try:
-        return UUID(value)
-    except ValueError:
-        raise BadCursorError("the 'after' cursor is not valid") from None
-
-
-def page_of(rows: list[T], limit: int, key: Callable[[T], list[str]]) -> Page[T]:
+def page_of(rows: list[T], limit: int, cursor: Callable[[T], str]) -> Page[T]:
     """The first `limit` of `limit + 1` fetched rows; the extra row only says that a next page exists."""
     if len(rows) > limit:
-        return Page(rows[:limit], encode_cursor(key(rows[limit - 1])))
+        return Page(rows[:limit], cursor(rows[limit - 1]))
     return Page(rows, None)

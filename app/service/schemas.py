@@ -1,13 +1,12 @@
 """Request and response bodies of the HTTP API (pydantic v2)."""
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal, Self
-from urllib.parse import urlsplit
+from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StrictBool, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StrictBool
 
-from app.protocol import MAX_PATH_BYTES, FileType, secret_uuid
+from app.protocol import FILE_TYPES, MAX_PATH_BYTES, SECRET_FILE_NAME_PATTERN, FileType
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
 HostState = Literal["pending", "deleted", "failed"]
@@ -27,42 +26,64 @@ def _check_no_nul(value: str) -> str:
     return value
 
 
-def _check_agent_url(value: str) -> str:
-    parts = urlsplit(_check_no_nul(value))
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("must not carry a query, fragment or credentials")
-    try:
-        parts.port  # noqa: B018 - raises on a port out of range
-    except ValueError as error:
-        raise ValueError(f"has an invalid port: {error}") from None
-    return value
+# The rules of agent URLs and host paths are regular expressions, so that the OpenAPI schema states exactly what
+# is enforced (pydantic checks `pattern` itself). They are written in the subset that ECMA-262 (JSON Schema),
+# Rust's regex (pydantic) and Python's re share: no lookaround.
+_HOST_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+_IPV6_HOST = r"\[[0-9A-Fa-f:.]+\]"
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+# Unreserved characters, sub-delimiters, ':', '@', '%' and '/' (RFC 3986): no query, no fragment.
+_URL_PATH = r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*"
+AGENT_URL_PATTERN = rf"^https?://(?:{_HOST_NAME}|{_IPV6_HOST})(?::{_PORT})?(?:{_URL_PATH})?$"
+# One path segment that is not '..': empty, '.', or any run of characters but '/' and NUL that is not '..'.
+_PATH_SEGMENT = r"(?:[^/\x00.][^/\x00]*|\.[^/\x00.][^/\x00]*|\.\.[^/\x00]+|\.)?"
+HOST_PATH_PATTERN = f"^(?:/{_PATH_SEGMENT})+$"
+SECRET_PATH_PATTERN = f"^(?:/{_PATH_SEGMENT})*/{SECRET_FILE_NAME_PATTERN}$"
+PATTERN_RULES = {
+    AGENT_URL_PATTERN: "must be an http:// or https:// URL of a host, with an optional port (1-65535) and path, "
+    "and no credentials, query or fragment",
+    HOST_PATH_PATTERN: "must be an absolute path with no '..' segment and no NUL",
+    SECRET_PATH_PATTERN: "a Secret's path must be absolute, with no '..' segment and no NUL, and end in the "
+    "secret's lowercase UUID followed by .xml",
+}
+"""Each pattern's rule in words, for the detail of an answer that refuses a value."""
 
 
-def _check_host_path(value: str) -> str:
-    if len(_check_no_nul(value).encode()) > MAX_PATH_BYTES:
-        raise ValueError(f"must be at most {MAX_PATH_BYTES} bytes")
-    if not value.startswith("/"):
-        raise ValueError("must be absolute")
-    if ".." in value.split("/"):
-        raise ValueError("must not contain a '..' segment")
+def _check_path_bytes(value: str) -> str:
+    # A rule on UTF-8 bytes, which no JSON Schema keyword counts: maxLength bounds the characters in the schema.
+    if len(value.encode()) > MAX_PATH_BYTES:
+        raise ValueError(f"must be at most {MAX_PATH_BYTES} bytes in UTF-8")
     return value
 
 
 AgentUrl = Annotated[
     str,
-    Field(max_length=2048, examples=["http://10.0.0.5:8100"]),
-    AfterValidator(_check_agent_url),
+    Field(
+        max_length=2048,
+        pattern=AGENT_URL_PATTERN,
+        examples=["http://10.0.0.5:8100"],
+        description="http:// or https:// URL of the host's agent: a host, an optional port, an optional path",
+    ),
 ]
 HostPath = Annotated[
     str,
     Field(
-        min_length=1,
+        max_length=MAX_PATH_BYTES,
+        pattern=HOST_PATH_PATTERN,
         examples=["/var/lib/libvirt/swtpm/0b1c2d3e-0000-4000-8000-000000000001/tpm2/tpm2-00.permall"],
-        description="Absolute path on the host; no '..' segment, no NUL, at most 4096 bytes (UTF-8)",
+        description=f"Absolute path on the host; no '..' segment, no NUL, at most {MAX_PATH_BYTES} bytes (UTF-8)",
     ),
-    AfterValidator(_check_host_path),
+    AfterValidator(_check_path_bytes),
+]
+SecretPath = Annotated[
+    str,
+    Field(
+        max_length=MAX_PATH_BYTES,
+        pattern=SECRET_PATH_PATTERN,
+        examples=["/etc/libvirt/secrets/6f0e2b8c-3b7a-4c1e-9d2f-5a4b3c2d1e0f.xml"],
+        description="libvirt's definition file of the secret: its last part is the lowercase secret UUID + .xml",
+    ),
+    AfterValidator(_check_path_bytes),
 ]
 Name = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_check_no_nul)]
 
@@ -107,28 +128,31 @@ class TpmIn(_Body):
     key_provider_uuid: UUID | None = None
 
 
-class HostFileIn(_Body):
-    """What POST /vms/{vm_uuid}/host-files takes."""
+class PathFileIn(_Body):
+    """A TPM state or NVRAM file or directory, as POST /vms/{vm_uuid}/host-files takes it."""
 
     host_uuid: UUID
     path: HostPath
-    type: FileType = Field(
-        description=(
-            "TpmState or NvRam: a file or a directory. Secret: the libvirt secret that encrypts the TPM state,"
-            " named by its definition file, e.g. /etc/libvirt/secrets/<lowercase secret uuid>.xml; the path's"
-            " last part must be that file name, and a Secret is never a backup"
-        ),
-    )
-    backup: StrictBool = Field(default=False, description="a backup copy of a state file; never true for a Secret")
+    type: Literal["TpmState", "NvRam"] = Field(description="TpmState or NvRam: a file or a directory")
+    backup: StrictBool = Field(default=False, description="a backup copy of a state file")
 
-    @model_validator(mode="after")
-    def _check_secret(self) -> Self:
-        if self.type == "Secret":
-            if secret_uuid(self.path) is None:
-                raise ValueError("a Secret's path must end in its lowercase UUID followed by .xml")
-            if self.backup:
-                raise ValueError("a Secret cannot be a backup")
-        return self
+
+class SecretFileIn(_Body):
+    """The libvirt secret that encrypts the TPM state, as POST /vms/{vm_uuid}/host-files takes it.
+
+    Named by its definition file, e.g. /etc/libvirt/secrets/<lowercase secret uuid>.xml; never a backup.
+    """
+
+    host_uuid: UUID
+    path: SecretPath
+    type: Literal["Secret"]
+    backup: Literal[False] = Field(default=False, description="a Secret is never a backup")
+
+
+HostFileIn = Annotated[PathFileIn | SecretFileIn, Field(discriminator="type")]
+"""What POST /vms/{vm_uuid}/host-files takes: the type decides the path's rule."""
+UNION_TAGS = frozenset(FILE_TYPES)
+"""The tags of the request unions, which pydantic puts in an error's location and a caller never wrote."""
 
 
 class HostFileOut(BaseModel):

@@ -1,23 +1,18 @@
 """Fault-test harness: `serve` as real processes on a database of the test's own, and agents that log every call.
 
-The service runs as `python -m app serve` subprocesses so that a test can SIGKILL, SIGSTOP, SIGCONT and
-SIGTERM it like an operator or a crash would. The agents run in the test's event loop: the shipped agent
-(deleting real files) behind a recorder that logs when each request came and went, whether it confirmed
-its paths, and that can hold the next requests open until the test releases them.
+The service runs as `python -m app serve` subprocesses (devtools.local_stack) so that a test can SIGKILL,
+SIGSTOP, SIGCONT and SIGTERM it like an operator or a crash would. The agents run in the test's event loop:
+the shipped agent (deleting real files) behind a recorder that logs when each request came and went, whether
+it confirmed its paths, and that can hold the next requests open until the test releases them.
 """
 
 import asyncio
-import inspect
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.service.audit import AuditReport, audit
 from app.service.db.engine import create_engine, create_session_factory
 from app.service.db.migrate import upgrade
-from devtools.local_stack import free_port
+from devtools.local_stack import LocalProcess, service_process, wait_until
 from tests.agent_helpers import Handler, RecordingAgent, running_app
 from tests.conftest import create_database
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Short intervals, so that leases run out and orphans come due within a test.
 FAST_SETTINGS = {
@@ -54,120 +47,6 @@ SURVIVOR = {"JOB_LEASE_SECONDS": "10"}
 # For a process whose agent call the test holds open: the call must not time out (a failed host, orphans)
 # before the test has injected its fault, however slow the machine.
 HOLDS_CALLS = {"AGENT_TIMEOUT_SECONDS": "60"}
-# Settings of the developer's shell that would change what the test starts.
-_UNSET = ("API_TOKEN", "AGENT_TOKEN", "SHUTDOWN_GRACE_SECONDS", "WORKER_MAX_JOBS", "JOB_MAX_FAILURES")
-# Generous bounds: the machine is small and shared; a bound is there to end a broken test, not to time it.
-START_TIMEOUT = 90.0
-EXIT_TIMEOUT = 60.0
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool] | bool], *, timeout: float, what: str, interval: float = 0.05
-) -> None:
-    """Poll `condition` until it holds; fail the test with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(interval)
-
-
-class ServiceProcess:
-    """One `python -m app serve` subprocess, its URL and its log (JSON lines on stderr)."""
-
-    def __init__(self, name: str, database_url: str, log_path: Path, settings: dict[str, str]) -> None:
-        self.name = name
-        self.log_path = log_path
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if k not in _UNSET}
-        env.update(FAST_SETTINGS, DATABASE_URL=database_url, **settings)
-        with log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def pid(self) -> int:
-        """The process id."""
-        return self.process.pid
-
-    def log_text(self) -> str:
-        """Everything the process wrote so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def log_records(self) -> list[dict[str, Any]]:
-        """The structured log lines so far (anything that is not a JSON object is left out)."""
-        records = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue  # a line cut short by SIGKILL
-        return records
-
-    def logged(self, message: str, **fields: str) -> list[dict[str, Any]]:
-        """The log records with this message (and these field values)."""
-        return [
-            r
-            for r in self.log_records()
-            if r.get("message") == message and all(r.get(k) == v for k, v in fields.items())
-        ]
-
-    async def wait_logged(self, message: str, **fields: str) -> list[dict[str, Any]]:
-        """Wait until the process has logged this message (it logs just after the commit the test saw)."""
-        await wait_until(lambda: self.logged(message, **fields), timeout=30, what=f"{self.name} logs {message!r}")
-        return self.logged(message, **fields)
-
-    async def wait_ready(self) -> None:
-        """Wait until /readyz answers 200 (migrations applied, database reachable, worker started)."""
-
-        async def ready() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log_text()}")
-            try:
-                async with httpx.AsyncClient(timeout=2) as http:
-                    return (await http.get(f"{self.url}/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_until(ready, timeout=START_TIMEOUT, what=f"{self.name} ready", interval=0.1)
-
-    def send(self, sig: signal.Signals) -> None:
-        """Send a signal to the process."""
-        self.process.send_signal(sig)
-
-    async def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
-        """Wait for the process to end; its return code (-N for death by signal N)."""
-        await wait_until(lambda: self.process.poll() is not None, timeout=timeout, what=f"{self.name} exits")
-        return self.process.returncode
-
-    async def kill(self) -> None:
-        """SIGKILL: the process dies at once, in the middle of whatever it was doing."""
-        self.send(signal.SIGKILL)
-        assert await self.wait_exit() == -signal.SIGKILL
-
-    async def shut_down(self) -> None:
-        """End the process however it is (stopped, busy): resume it, SIGTERM, and SIGKILL if that hangs."""
-        if self.process.poll() is not None:
-            return
-        self.send(signal.SIGCONT)
-        self.send(signal.SIGTERM)
-        try:
-            await self.wait_exit()
-        except AssertionError:
-            self.process.kill()
-            self.process.wait()
 
 
 @dataclass
@@ -285,18 +164,17 @@ class FaultHarness:
         self.sessions = create_session_factory(engine)
         self._work_dir = work_dir
         self._stack = stack
-        self.services: list[ServiceProcess] = []
+        self.services: list[LocalProcess] = []
         self.agents: list[LoggingAgent] = []
 
-    async def start_service(self, **settings: str) -> ServiceProcess:
+    async def start_service(self, **settings: str) -> LocalProcess:
         """Start a `serve` process with FAST_SETTINGS and `settings`; return once it is ready."""
         name = f"serve-{len(self.services) + 1}"
-        service = ServiceProcess(name, self.database_url, self._work_dir / f"{name}.log", settings)
+        service = service_process(self.database_url, self._work_dir, name=name, **(FAST_SETTINGS | settings))
         self.services.append(service)
-        await service.wait_ready()
-        return service
+        return await service.started()
 
-    async def client(self, service: ServiceProcess) -> httpx.AsyncClient:
+    async def client(self, service: LocalProcess) -> httpx.AsyncClient:
         """An HTTP client of `service`, closed with the harness."""
         return await self._stack.enter_async_context(httpx.AsyncClient(base_url=service.url, timeout=30))
 

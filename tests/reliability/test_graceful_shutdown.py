@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.process_helpers import HOLDS_CALLS, ServiceProcess, fault_harness, wait_until
+from devtools.local_stack import LocalProcess
+from tests.reliability.process_helpers import HOLDS_CALLS, fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 
 
-def assert_closed_cleanly(service: ServiceProcess) -> None:
+def assert_closed_cleanly(service: LocalProcess) -> None:
     """The process exited 0 after a complete lifespan shutdown, with no traceback and no error logged."""
     assert service.process.returncode == 0, service.log_text()
     log = service.log_text()

@@ -2,13 +2,13 @@
 
 import hmac
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from app.service.pagination import DEFAULT_LIMIT, MAX_LIMIT
+from app.service.pagination import DEFAULT_LIMIT, MAX_LIMIT, TIME_UUID_CURSOR_PATTERN, UUID_CURSOR_PATTERN
 from app.service.settings import Settings
 
 
@@ -61,7 +61,17 @@ async def require_token(
 LimitQuery = Annotated[
     int, Query(ge=1, le=MAX_LIMIT, description=f"Page size (default {DEFAULT_LIMIT}, at most {MAX_LIMIT})")
 ]
-AfterQuery = Annotated[
-    str | None,
-    Query(max_length=512, description="Opaque cursor of the next page, as given in the Link header"),
-]
+
+
+def _after_query(pattern: str) -> Any:
+    # The pattern is stated, not enforced by FastAPI: the list's own decoding refuses any other string with 400.
+    return Query(
+        description="Opaque cursor of the next page, as given in the Link header",
+        json_schema_extra={"pattern": pattern},
+    )
+
+
+AfterQuery = Annotated[str | None, _after_query(UUID_CURSOR_PATTERN)]
+"""The `after` cursor of a list in UUID order."""
+AfterTimeQuery = Annotated[str | None, _after_query(TIME_UUID_CURSOR_PATTERN)]
+"""The `after` cursor of a list in time order (jobs, newest first)."""

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from app.service.api.deps import AfterQuery, LimitQuery, SessionDep
+from app.service.api.deps import AfterTimeQuery, LimitQuery, SessionDep
 from app.service.api.errors import problem_responses
 from app.service.api.links import set_next_link
 from app.service.db.notify import Notifications, wait_for_any
@@ -93,7 +93,7 @@ async def list_jobs(
     response: Response,
     vm_uuid: UUID | None = None,
     limit: LimitQuery = DEFAULT_LIMIT,
-    after: AfterQuery = None,
+    after: AfterTimeQuery = None,
 ) -> list[JobOut]:
     async with session.begin():
         page = await jobs.list_jobs(session, vm_uuid=vm_uuid, limit=limit, after=after)

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.service.db.models import ACTIVE_JOB_STATES, FileLedger, Host, HostFile, Job, OrphanFile, Tpm, TpmKeyBinding, Vm
 from app.service.errors import ConflictError, NotFoundError
-from app.service.pagination import Page, cursor_uuid, decode_cursor, page_of
+from app.service.pagination import Page, after_uuid, page_of, uuid_cursor
 from app.service.schemas import HostFileIn, HostIn, TpmIn, VmIn
 
 # PostgreSQL's xmax is 0 only on a row the statement inserted (not on one ON CONFLICT updated).
@@ -137,7 +137,6 @@ async def list_host_files(session: AsyncSession, vm_uuid: UUID, *, limit: int, a
     await get_vm(session, vm_uuid)
     statement = select(HostFile).where(HostFile.vm_uuid == vm_uuid).order_by(HostFile.uuid).limit(limit + 1)
     if after is not None:
-        (last_uuid,) = decode_cursor(after, 1)
-        statement = statement.where(HostFile.uuid > cursor_uuid(last_uuid))
+        statement = statement.where(HostFile.uuid > after_uuid(after))
     rows = list(await session.scalars(statement))
-    return page_of(rows, limit, lambda f: [str(f.uuid)])
+    return page_of(rows, limit, lambda f: uuid_cursor(f.uuid))

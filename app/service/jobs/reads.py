@@ -7,7 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.service.db.models import Job, JobHost
 from app.service.errors import NotFoundError
-from app.service.pagination import Page, cursor_uuid, decode_cursor, page_of
+from app.service.pagination import Page, after_time_uuid, page_of, time_uuid_cursor
 from app.service.schemas import JobHostOut, JobOut
 
 
@@ -25,14 +25,14 @@ async def list_jobs(session: AsyncSession, *, vm_uuid: UUID | None, limit: int, 
     if vm_uuid is not None:
         statement = statement.where(Job.vm_uuid == vm_uuid)
     if after is not None:
-        created_at, last_id = decode_cursor(after, 2)
+        created_at, last_id = after_time_uuid(after)
         statement = statement.where(
             text("(jobs.created_at, jobs.id) < (CAST(:after_created AS timestamptz), :after_id)").bindparams(
-                after_created=created_at, after_id=cursor_uuid(last_id)
+                after_created=created_at, after_id=last_id
             )
         )
     jobs = list(await session.scalars(statement))
-    page = page_of(jobs, limit, lambda j: [j.created_at.isoformat(), str(j.id)])
+    page = page_of(jobs, limit, lambda j: time_uuid_cursor(j.created_at, j.id))
     return Page(await _with_hosts(session, page.items), page.next_cursor)
 
 

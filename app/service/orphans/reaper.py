@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult
 from app.service.db.models import Host, OrphanFile
 from app.service.db.queries import load_queries
-from app.service.pagination import Page, cursor_uuid, decode_cursor, page_of
+from app.service.pagination import Page, after_uuid, page_of, uuid_cursor
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,8 @@ async def list_orphans(
     if host_uuid is not None:
         statement = statement.where(OrphanFile.host_uuid == host_uuid)
     if after is not None:
-        (last_uuid,) = decode_cursor(after, 1)
-        statement = statement.where(OrphanFile.uuid > cursor_uuid(last_uuid))
-    return page_of(list(await session.scalars(statement)), limit, lambda o: [str(o.uuid)])
+        statement = statement.where(OrphanFile.uuid > after_uuid(after))
+    return page_of(list(await session.scalars(statement)), limit, lambda o: uuid_cursor(o.uuid))
 
 
 @dataclass(frozen=True)
