@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -92,11 +93,11 @@ def service_process(database_url: str, log_dir: Path, **settings: str) -> LocalP
     )
 
 
-def agent_process(root: Path, log_dir: Path, *, token: str | None = None) -> LocalProcess:
-    """The shipped agent, confined to `root`, on a free port."""
+def agent_process(roots: Sequence[Path], log_dir: Path, *, token: str | None = None) -> LocalProcess:
+    """The shipped agent, confined to `roots`, on a free port."""
     port = free_port()
     return LocalProcess(
-        ["agent", "--root", str(root), "--port", str(port)],
+        ["agent", *(option for root in roots for option in ("--root", str(root))), "--port", str(port)],
         port=port,
         ready_path="/healthz",
         env={"AGENT_TOKEN": token} if token else {},
