@@ -151,19 +151,20 @@ def _open_directory_below(parent: int, name: str) -> int:
         return os.open(name, _OPEN_DIRECTORY, dir_fd=parent)
     except OSError as exc:
         # O_NOFOLLOW | O_DIRECTORY on a link fails with ENOTDIR or ELOOP: say which it was.
-        if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(parent, name):
+        found = _entry_of(parent, name)
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP) and found is not None and stat.S_ISLNK(found.st_mode):
             raise OSError(
                 errno.ELOOP, f"{name!r} is a link now, not a directory (it changed after the check)"
             ) from None
         raise
 
 
-def _is_link(parent: int, name: str) -> bool:
-    """Whether `name` in the open `parent` is a symbolic link."""
+def _entry_of(parent: int, name: str) -> os.stat_result | None:
+    """What `name` in the open `parent` is (links not followed), or None when there is no such entry."""
     try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
+        return os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
 
 
 @contextmanager
@@ -180,9 +181,8 @@ def _remove_entry(directory: int, name: str) -> bool:
 
     False when there is no such entry.
     """
-    try:
-        found = os.stat(name, dir_fd=directory, follow_symlinks=False)
-    except FileNotFoundError:
+    found = _entry_of(directory, name)
+    if found is None:
         return False
     try:
         if stat.S_ISDIR(found.st_mode):
@@ -192,6 +192,9 @@ def _remove_entry(directory: int, name: str) -> bool:
         else:
             os.unlink(name, dir_fd=directory)
     except FileNotFoundError:
+        # rmtree stops at an entry that vanished mid-walk: the path is gone only if all of it is.
+        if _entry_of(directory, name) is not None:
+            raise
         return False
     return True
 
