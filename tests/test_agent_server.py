@@ -469,9 +469,13 @@ async def test_swapping_a_state_directory_for_a_link_during_deletes_never_touche
         try:
             assert swapper.stdout is not None
             assert await swapper.stdout.readline() == b"swapping\n"
-            for _ in range(25):
+            # 25 rounds of a call per file; on a machine so loaded that the swapper got no turn meanwhile, more
+            # rounds, until some call met the link (a refusal or a failed delete), up to 250.
+            rounds = 0
+            while rounds < 25 or (rounds < 250 and all(answer["success"] for answer in answers)):
                 calls = [post_delete(session, url, delete_body(state / name)) for name in names]
                 answers += [answer for _, answer in await asyncio.gather(*calls)]
+                rounds += 1
         finally:
             stop.touch()
             out, _ = await asyncio.wait_for(swapper.communicate(), timeout=60)
@@ -479,7 +483,7 @@ async def test_swapping_a_state_directory_for_a_link_during_deletes_never_touche
         status, last = await post_delete(session, url, delete_body(*(state / name for name in names)))
     assert int(out) > 0
     assert tree(outside) == before
-    assert len(answers) == 500
+    assert len(answers) >= 500
     assert any(not answer["success"] for answer in answers), "the agent never saw a link: the swaps did not race"
     assert (status, last["success"]) == (200, True)
     assert not state.exists()
