@@ -1,8 +1,10 @@
 """The demo (`make demo`): a VM's TPM removed from two hosts with real files, then again with one host down.
 
 It starts an embedded PostgreSQL in a temporary folder, the service (`python -m app serve`) and two shipped
-agents on temporary roots, all on free ports; removes the TPM with the operator CLI
-(`python -m app remove VM --wait`); and shows what is on disk and in the orphan list after each step.
+agents, each with a host's two roots (`swtpm` and `qemu/nvram` of a temporary `/var/lib/libvirt`), all on free
+ports; lays out a VM's TPM on each host as libvirt does (swtpm state made by swtpm_setup when it is installed);
+removes the TPM with the operator CLI (`python -m app remove VM --wait`); and shows what is on disk and in the
+orphan list after each step.
 Everything it started is stopped, and its folders deleted, however it ends.
 """
 
@@ -21,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.service.db.embedded import start_embedded_postgres
+from devtools.host_layout import make_nvram, make_vm_state, swtpm_setup_installed
 from devtools.local_stack import LocalProcess, agent_process, service_process
 
 API_TOKEN = f"demo-api-{uuid.uuid4().hex}"
@@ -36,17 +39,25 @@ class DemoFailed(Exception):
     """Something the demo shows did not turn out as it should."""
 
 
+def host_roots(libvirt: Path) -> tuple[Path, Path]:
+    """A host's two agent roots under its libvirt folder, as in production: swtpm state and NVRAM."""
+    return libvirt / "swtpm", libvirt / "qemu" / "nvram"
+
+
 class Demo:
     """The running system of the demo and the steps that use it."""
 
-    def __init__(self, service: LocalProcess, agents: dict[str, LocalProcess], roots: dict[str, Path]) -> None:
+    def __init__(self, service: LocalProcess, agents: dict[str, LocalProcess], libvirt: dict[str, Path]) -> None:
         self.service = service
         self.agents = agents
-        self.roots = roots
+        self.libvirt = libvirt
         self.api = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {API_TOKEN}"})
         self.hosts = {name: self._register_host(name, agent.url) for name, agent in agents.items()}
         for name, host_uuid in self.hosts.items():
-            console.print(f"{name}: host {host_uuid}, agent at {agents[name].url}, root {roots[name]}")
+            roots = " and ".join(str(root) for root in host_roots(libvirt[name]))
+            console.print(f"{name}: host {host_uuid}, agent at {agents[name].url}, roots {roots}")
+        made_by = "swtpm_setup" if swtpm_setup_installed() else "plain files (swtpm_setup is not installed)"
+        console.print(f"TPM state is made by {made_by}.")
 
     def _register_host(self, name: str, agent_url: str) -> str:
         host_uuid = str(uuid.uuid4())
@@ -60,22 +71,21 @@ class Demo:
         return answer
 
     def seed_vm(self, name: str) -> tuple[str, list[tuple[str, Path]]]:
-        """A VM with a TPM, and on each host a TPM state file, its backup and an NVRAM file, real on disk."""
+        """A VM with a TPM, and on each host its swtpm state directory, the state's backup and its NVRAM file."""
         vm = str(uuid.uuid4())
         self._expect(self.api.put(f"/vms/{vm}", json={"name": name, "secure_boot": False}), 201)
         self._expect(self.api.post(f"/vms/{vm}/tpm", json={"key_provider_uuid": str(uuid.uuid4())}), 201)
         files = []
-        for host_name, root in self.roots.items():
-            folder = root / "swtpm" / vm
-            folder.mkdir(parents=True)
-            for file_name, file_type, backup in (
-                ("tpm2-00.permall", "TpmState", False),
-                ("tpm2-00.permall.bak", "TpmState", True),
-                ("nvram.fd", "NvRam", False),
+        for host_name, libvirt in self.libvirt.items():
+            swtpm, nvram = host_roots(libvirt)
+            state = make_vm_state(swtpm, vm)
+            backup = Path(shutil.copytree(state, swtpm / f"{vm}.snapshot-backup", symlinks=True))
+            for path, file_type, backup_copy in (
+                (state, "TpmState", False),
+                (backup, "TpmState", True),
+                (make_nvram(nvram, name), "NvRam", False),
             ):
-                path = folder / file_name
-                path.write_bytes(os.urandom(64))
-                body = {"host_uuid": self.hosts[host_name], "path": str(path), "type": file_type, "backup": backup}
+                body = {"host_uuid": self.hosts[host_name], "path": str(path), "type": file_type, "backup": backup_copy}
                 self._expect(self.api.post(f"/vms/{vm}/host-files", json=body), 201)
                 files.append((host_name, path))
         return vm, files
@@ -87,13 +97,28 @@ class Demo:
         return subprocess.run([sys.executable, "-m", "app", *args], env=env).returncode
 
     def show_files(self, files: list[tuple[str, Path]]) -> int:
-        """A table of the files and whether they are still on disk; how many are."""
-        table = Table("host", "file (under the host's root)", "on disk")
+        """A table of the recorded files and what of them is still on disk; how many are."""
+        table = Table("host", "recorded path (under the host's /var/lib/libvirt)", "on disk")
         for host_name, path in files:
-            on_disk = "[yellow]yes[/]" if path.exists() else "[green]gone[/]"
-            table.add_row(host_name, str(path.relative_to(self.roots[host_name])), on_disk)
+            if path.is_dir():
+                inside = sum(len(names) for _, _, names in os.walk(path))
+                on_disk = f"[yellow]directory, {inside} files[/]"
+            else:
+                on_disk = "[yellow]file[/]" if path.exists() else "[green]gone[/]"
+            table.add_row(host_name, str(path.relative_to(self.libvirt[host_name])), on_disk)
         console.print(table)
         return sum(path.exists() for _, path in files)
+
+    def left_of(self, vm: str, name: str) -> list[Path]:
+        """Everything under the hosts' roots that is the VM's: named by its UUID or its name, or inside such."""
+        return [
+            Path(directory, entry)
+            for libvirt in self.libvirt.values()
+            for root in host_roots(libvirt)
+            for directory, subdirectories, names in os.walk(root)
+            for entry in subdirectories + names
+            if vm in Path(directory, entry).as_posix() or entry.startswith(f"{name}_")
+        ]
 
     def orphans_of(self, host_name: str) -> list[dict[str, str]]:
         orphans: list[dict[str, str]] = self._expect(
@@ -109,6 +134,7 @@ class Demo:
         status = self.operator("remove", vm, "--wait")
         check(status == 0, f"remove exits 0 when every host confirmed (got {status})")
         check(self.show_files(files) == 0, "every file is gone from disk")
+        check(not self.left_of(vm, "web-1"), "nothing of the VM is left under the hosts' roots")
         self.operator("orphans")
         check(not self.orphans_of("host-a") + self.orphans_of("host-b"), "the orphan list is empty")
 
@@ -131,6 +157,7 @@ class Demo:
         self.operator("orphans")
         check(not self.orphans_of("host-b"), "the orphans were retried and are gone from the list")
         check(self.show_files(files) == 0, "and host-b's files are gone from disk")
+        check(not self.left_of(vm, "web-2"), "nothing of the VM is left under the hosts' roots")
 
 
 def check(condition: bool, claim: str) -> None:
@@ -159,11 +186,13 @@ def main() -> int:
         database_url = start_embedded_postgres(data_dir)
         cleanup.callback(stop_embedded_postgres, data_dir)
 
-        roots = {name: work / name for name in ("host-a", "host-b")}
+        libvirt = {name: work / name / "var" / "lib" / "libvirt" for name in ("host-a", "host-b")}
         agents = {}
-        for name, root in roots.items():
-            root.mkdir()
-            agents[name] = agent_process(root, work, token=AGENT_TOKEN)
+        for name, folder in libvirt.items():
+            roots = host_roots(folder)
+            for root in roots:
+                root.mkdir(parents=True)
+            agents[name] = agent_process(roots, work, token=AGENT_TOKEN)
         service = service_process(
             database_url,
             work,
@@ -178,7 +207,7 @@ def main() -> int:
             cleanup.callback(process.stop)
             process.start()
         console.print(f"Service at {service.url}; operator commands get VTPM_URL and API_TOKEN from the environment.")
-        demo = Demo(service, agents, roots)
+        demo = Demo(service, agents, libvirt)
         cleanup.callback(demo.api.close)
         try:
             demo.all_hosts_up()

@@ -217,11 +217,21 @@ def service_process(database_url: str, log_dir: Path, *, name: str = "service", 
     )
 
 
-def agent_process(root: Path, log_dir: Path, *, token: str | None = None, options: Sequence[str] = ()) -> LocalProcess:
-    """The shipped agent, confined to `root`, on a free port; `options` are further options of `app agent`."""
+def agent_process(
+    roots: Sequence[Path], log_dir: Path, *, token: str | None = None, options: Sequence[str] = ()
+) -> LocalProcess:
+    """The shipped agent, confined to `roots`, on a free port; `options` are further options of `app agent`."""
     port = free_port()
     return LocalProcess(
-        ["-m", "app", "agent", "--root", str(root), "--port", str(port), *options],
+        [
+            "-m",
+            "app",
+            "agent",
+            *(option for root in roots for option in ("--root", str(root))),
+            "--port",
+            str(port),
+            *options,
+        ],
         port=port,
         ready_path="/healthz",
         env={"AGENT_TOKEN": token} if token else {},

@@ -34,9 +34,9 @@ async def running_app(app: web.Application) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def running_agent(root: Path, *, token: str | None = None, delay_seconds: float = 0.0) -> AsyncIterator[str]:
-    """Run the shipped host agent, confined to `root`, on a free loopback port; yields its base URL."""
-    async with running_app(answering_after(create_agent_app(root, token=token), delay_seconds)) as url:
+async def running_agent(*roots: Path, token: str | None = None, delay_seconds: float = 0.0) -> AsyncIterator[str]:
+    """Run the shipped host agent, confined to `roots`, on a free loopback port; yields its base URL."""
+    async with running_app(answering_after(create_agent_app(*roots, token=token), delay_seconds)) as url:
         yield url
 
 

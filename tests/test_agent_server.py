@@ -1,6 +1,8 @@
 """Tests of the shipped host agent: real files in a temporary root, real HTTP on loopback."""
 
+import asyncio
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,6 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from app.agent.cli import main, parser
+from app.agent.confinement import confine_paths, delete_confined, real_roots
 from app.protocol import DELETE_PATH
 from tests.agent_helpers import running_agent
 
@@ -80,9 +84,10 @@ async def test_path_listed_twice_is_deleted_once_and_not_reported_missing(
         pytest.param(lambda root, outside: f"{root}/vm/\x00keep.bin", "NUL", id="nul-byte"),
         pytest.param(lambda root, outside: str(outside / "secret.bin"), "outside", id="outside-root"),
         pytest.param(lambda root, outside: f"{root}X/secret.bin", "outside", id="sibling-sharing-prefix"),
-        pytest.param(lambda root, outside: str(root / "vm"), "directory", id="directory"),
-        pytest.param(lambda root, outside: f"{root}/vm/", "directory", id="trailing-slash"),
+        pytest.param(lambda root, outside: str(outside), "outside", id="directory-outside-root"),
         pytest.param(lambda root, outside: str(root), "outside", id="root-itself"),
+        pytest.param(lambda root, outside: f"{root}/", "outside", id="root-with-trailing-slash"),
+        pytest.param(lambda root, outside: f"{root}/.", "outside", id="root-as-dot"),
         pytest.param(lambda root, outside: "/" + "a" * 5000, "longer", id="too-long"),
     ],
 )
@@ -237,4 +242,261 @@ async def test_many_files_in_one_request(session: aiohttp.ClientSession, root: P
         status, answer = await post_delete(session, url, delete_body(*files, file_type="NvRam"))
     assert (status, answer["success"]) == (200, True)
     assert answer["deleted"] == [str(f) for f in files]
-    assert os.listdir(root / "many") == []
+    # many/ held nothing else: it went with its last file.
+    assert not (root / "many").exists()
+
+
+def tree(folder: Path) -> dict[str, bytes | str]:
+    """Everything under `folder`, links not followed: file contents, link targets, and directories as "dir"."""
+    found: dict[str, bytes | str] = {}
+    for directory, subdirectories, files in os.walk(folder):
+        for name in subdirectories + files:
+            path = Path(directory, name)
+            relative = str(path.relative_to(folder))
+            if path.is_symlink():
+                found[relative] = f"link to {os.readlink(path)}"
+            elif path.is_dir():
+                found[relative] = "dir"
+            else:
+                found[relative] = path.read_bytes()
+    return found
+
+
+async def test_directory_goes_with_everything_in_it_and_its_emptied_parents(
+    session: aiohttp.ClientSession, root: Path
+) -> None:
+    state = root / "swtpm" / str(uuid.uuid4())
+    make_file(state / "tpm2" / "tpm2-00.permall")
+    make_file(state / "tpm2" / ".lock", b"")
+    make_file(state / "deeper" / "still" / "file")
+    async with running_agent(root) as url:
+        status, answer = await post_delete(session, url, delete_body(state))
+    assert (status, answer) == (200, {"success": True, "deleted": [str(state)], "missing": []})
+    # swtpm/ held only this VM's state: it is pruned too, the root never.
+    assert root.is_dir()
+    assert os.listdir(root) == []
+
+
+async def test_pruning_stops_at_the_first_parent_that_still_holds_something(
+    session: aiohttp.ClientSession, root: Path
+) -> None:
+    other_vm = make_file(root / "swtpm" / "other-vm" / "tpm2" / "tpm2-00.permall")
+    lock = make_file(root / "swtpm" / "vm" / "tpm2" / ".lock", b"")
+    state = make_file(root / "swtpm" / "vm" / "tpm2" / "tpm2-00.permall")
+    async with running_agent(root) as url:
+        status, answer = await post_delete(session, url, delete_body(state))
+        assert (status, answer["success"]) == (200, True)
+        # .lock still holds tpm2/: nothing is pruned.
+        assert lock.exists()
+        status, answer = await post_delete(session, url, delete_body(lock))
+        assert (status, answer["success"]) == (200, True)
+    assert not (root / "swtpm" / "vm").exists()
+    assert other_vm.exists()
+
+
+async def test_a_path_already_gone_still_prunes_the_empty_parents_left_of_it(
+    session: aiohttp.ClientSession, root: Path
+) -> None:
+    (root / "swtpm" / "vm" / "tpm2").mkdir(parents=True)
+    async with running_agent(root) as url:
+        status, answer = await post_delete(
+            session, url, delete_body(root / "swtpm" / "vm" / "tpm2" / "tpm2-00.permall")
+        )
+    assert (status, answer["missing"]) == (200, [str(root / "swtpm" / "vm" / "tpm2" / "tpm2-00.permall")])
+    assert os.listdir(root) == []
+
+
+async def test_links_inside_a_directory_are_removed_as_links_and_their_targets_kept(
+    session: aiohttp.ClientSession, root: Path
+) -> None:
+    outside = root.parent / "outside"
+    outside_file = make_file(outside / "secret.bin")
+    make_file(outside / "folder" / "kept.bin")
+    state = root / "swtpm" / "vm"
+    make_file(state / "tpm2" / "tpm2-00.permall")
+    (state / "tpm2" / "to-file").symlink_to(outside_file)
+    (state / "to-folder").symlink_to(outside / "folder", target_is_directory=True)
+    before = tree(outside)
+    async with running_agent(root) as url:
+        status, answer = await post_delete(session, url, delete_body(state))
+    assert (status, answer) == (200, {"success": True, "deleted": [str(state)], "missing": []})
+    assert not state.exists() and not state.is_symlink()
+    assert tree(outside) == before
+
+
+async def test_recorded_directory_that_is_a_link_out_of_the_root_is_refused(
+    session: aiohttp.ClientSession, root: Path
+) -> None:
+    outside = root.parent / "outside"
+    make_file(outside / "tpm2" / "tpm2-00.permall")
+    state = root / "swtpm" / "vm"
+    state.parent.mkdir()
+    state.symlink_to(outside, target_is_directory=True)
+    before = tree(outside)
+    async with running_agent(root) as url:
+        status, answer = await post_delete(session, url, delete_body(state))
+    assert status == 200
+    assert answer["success"] is False
+    assert f"path resolves outside the agent's roots: {state}" in answer["error"]
+    assert state.is_symlink()
+    assert tree(outside) == before
+
+
+async def test_trailing_slash_names_the_directory(session: aiohttp.ClientSession, root: Path) -> None:
+    make_file(root / "vm" / "tpm2-00.permall")
+    async with running_agent(root) as url:
+        status, answer = await post_delete(session, url, delete_body(f"{root}/vm/"))
+    assert (status, answer) == (200, {"success": True, "deleted": [f"{root}/vm/"], "missing": []})
+    assert os.listdir(root) == []
+
+
+async def test_directory_inside_a_deleted_directory_counts_as_missing(
+    session: aiohttp.ClientSession, root: Path
+) -> None:
+    state = root / "vm"
+    inner = make_file(state / "tpm2" / "tpm2-00.permall")
+    async with running_agent(root) as url:
+        status, answer = await post_delete(session, url, delete_body(state, inner))
+    assert (status, answer) == (200, {"success": True, "deleted": [str(state)], "missing": [str(inner)]})
+
+
+async def test_several_roots_each_confine_and_nothing_between_them_is_accepted(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    swtpm, nvram = tmp_path / "libvirt" / "swtpm", tmp_path / "libvirt" / "qemu" / "nvram"
+    state = make_file(swtpm / "vm" / "tpm2" / "tpm2-00.permall").parent.parent
+    vars_fd = make_file(nvram / "vm_VARS.fd")
+    disk = make_file(tmp_path / "libvirt" / "images" / "vm.qcow2")
+    async with running_agent(swtpm, nvram) as url:
+        status, answer = await post_delete(session, url, delete_body(state, disk))
+        assert (status, answer["success"]) == (200, False)
+        assert f"outside the agent's roots: {disk}" in answer["error"]
+        assert state.exists() and disk.exists()
+        status, answer = await post_delete(session, url, delete_body(state, vars_fd))
+    assert (status, answer) == (200, {"success": True, "deleted": [str(state), str(vars_fd)], "missing": []})
+    assert swtpm.is_dir() and nvram.is_dir()
+    assert os.listdir(swtpm) == os.listdir(nvram) == []
+    assert disk.exists()
+
+
+async def test_pruning_stops_at_an_inner_root(session: aiohttp.ClientSession, tmp_path: Path) -> None:
+    outer, inner = tmp_path / "libvirt", tmp_path / "libvirt" / "qemu" / "nvram"
+    vars_fd = make_file(inner / "vm_VARS.fd")
+    async with running_agent(outer, inner) as url:
+        status, answer = await post_delete(session, url, delete_body(vars_fd, file_type="NvRam"))
+    assert (status, answer["success"]) == (200, True)
+    assert inner.is_dir()
+
+
+async def test_a_directory_swapped_for_a_link_after_the_check_is_not_followed(root: Path) -> None:
+    outside = root.parent / "outside"
+    make_file(outside / "tpm2-00.permall", b"outside")
+    state = root / "swtpm" / "vm"
+    checked = make_file(state / "tpm2-00.permall")
+    confined = confine_paths(real_roots([root]), [str(checked)])
+    # What an swtpm process owning the state directory can do between the agent's check and its delete.
+    state.rename(root / "swtpm" / "vm.aside")
+    state.symlink_to(outside, target_is_directory=True)
+    before = tree(outside)
+    outcome = delete_confined(confined)
+    assert outcome.deleted == outcome.missing == []
+    assert outcome.errors == [
+        f"cannot delete {checked}: 'vm' is a link now, not a directory (it changed after the check)"
+    ]
+    assert tree(outside) == before
+    assert (root / "swtpm" / "vm.aside" / "tpm2-00.permall").exists()
+
+
+async def test_a_recorded_directory_swapped_for_a_link_after_the_check_is_not_followed(root: Path) -> None:
+    outside = root.parent / "outside"
+    make_file(outside / "tpm2" / "tpm2-00.permall", b"outside")
+    state = root / "swtpm" / "vm"
+    make_file(state / "tpm2" / "tpm2-00.permall")
+    confined = confine_paths(real_roots([root]), [str(state)])
+    state.rename(root / "swtpm" / "vm.aside")
+    state.symlink_to(outside, target_is_directory=True)
+    before = tree(outside)
+    outcome = delete_confined(confined)
+    # The link is what the recorded name now is, and a link is removed as a link.
+    assert outcome.deleted == [str(state)]
+    assert not state.is_symlink()
+    assert tree(outside) == before
+
+
+# Swaps a state directory and a link to a folder outside the root, again and again, as a process owning it could,
+# until told to stop or after a million swaps; prints how many it made. renameat2(RENAME_EXCHANGE) swaps the two
+# names at once, so that the state path is always there, the directory one moment and the link the next.
+_SWAPPER = """
+import ctypes, os, sys
+state, link, outside, stop = sys.argv[1:5]
+libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+os.symlink(outside, link)
+swaps = 0
+print("swapping", flush=True)
+while swaps < 1_000_000 and (swaps % 64 or not os.path.exists(stop)):
+    if libc.renameat2(AT_FDCWD, link.encode(), AT_FDCWD, state.encode(), RENAME_EXCHANGE) != 0:
+        if ctypes.get_errno() != 2:
+            raise OSError(ctypes.get_errno(), "renameat2")
+        os.mkdir(state)  # the agent pruned the emptied directory
+    swaps += 1
+if os.path.islink(state):  # leave the directory in place, and no link
+    libc.renameat2(AT_FDCWD, link.encode(), AT_FDCWD, state.encode(), RENAME_EXCHANGE)
+os.unlink(link)
+print(swaps, flush=True)
+"""
+
+
+async def test_swapping_a_state_directory_for_a_link_during_deletes_never_touches_anything_outside(
+    session: aiohttp.ClientSession, root: Path
+) -> None:
+    outside = root.parent / "outside"
+    names = [f"f{n:02d}" for n in range(20)]
+    for name in names:
+        make_file(outside / name, b"outside")
+    state = root / "swtpm" / "vm"
+    for name in names:
+        make_file(state / name, b"inside")
+    sentinel = make_file(root / "swtpm" / "other-vm" / "keep")
+    before = tree(outside)
+    stop = root.parent / "stop-swapping"
+    swapper = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", _SWAPPER, state, root / "swtpm" / "vm.swap", outside, stop),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    answers: list[dict[str, Any]] = []
+    async with running_agent(root) as url:
+        try:
+            assert swapper.stdout is not None
+            assert await swapper.stdout.readline() == b"swapping\n"
+            # 25 rounds of a call per file; on a machine so loaded that the swapper got no turn meanwhile, more
+            # rounds, until some call met the link (a refusal or a failed delete), up to 250.
+            rounds = 0
+            while rounds < 25 or (rounds < 250 and all(answer["success"] for answer in answers)):
+                calls = [post_delete(session, url, delete_body(state / name)) for name in names]
+                answers += [answer for _, answer in await asyncio.gather(*calls)]
+                rounds += 1
+        finally:
+            stop.touch()
+            out, _ = await asyncio.wait_for(swapper.communicate(), timeout=60)
+        # With the swaps over, the same calls delete what is left inside, and the emptied directory goes.
+        status, last = await post_delete(session, url, delete_body(*(state / name for name in names)))
+    assert int(out) > 0
+    assert tree(outside) == before
+    assert len(answers) >= 500
+    assert any(not answer["success"] for answer in answers), "the agent never saw a link: the swaps did not race"
+    assert (status, last["success"]) == (200, True)
+    assert not state.exists()
+    assert sentinel.exists()
+
+
+def test_root_option_may_be_given_more_than_once() -> None:
+    options = parser().parse_args(["--root", "/var/lib/libvirt/swtpm", "--root", "/var/lib/libvirt/qemu/nvram"])
+    assert options.roots == [Path("/var/lib/libvirt/swtpm"), Path("/var/lib/libvirt/qemu/nvram")]
+
+
+def test_every_root_must_be_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--root", str(tmp_path), "--root", str(tmp_path / "absent")])
+    assert exit_info.value.code == 2
+    assert f"--root: {tmp_path / 'absent'} is not a directory" in capsys.readouterr().err

@@ -228,7 +228,7 @@ async def test_agent_undefines_a_vtpm_secret_with_its_value_and_counts_an_unknow
 
 async def test_agent_process_undefines_secrets_on_its_libvirt_uri(libvirtd: LibvirtDaemon, tmp_path: Path) -> None:
     secret = await libvirtd.define_secret()
-    agent = agent_process(tmp_path, tmp_path, options=["--libvirt-uri", libvirtd.uri])
+    agent = agent_process([tmp_path], tmp_path, options=["--libvirt-uri", libvirtd.uri])
     await asyncio.to_thread(agent.start)
     try:
         answer = await post_delete(agent.url, str(uuid.uuid4()), [(secret_path(secret), "Secret")])

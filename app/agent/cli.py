@@ -20,13 +20,16 @@ def parser() -> argparse.ArgumentParser:
     """The agent's options, as CONTRACT.md names them."""
     options = argparse.ArgumentParser(
         prog="python -m app agent",
-        description="Run the host agent that deletes a VM's TPM state and NVRAM under ROOT, and its vTPM secrets.",
+        description="Run the host agent that deletes a VM's TPM state and NVRAM under its roots, and its vTPM secrets.",
     )
     options.add_argument(
         "--root",
+        dest="roots",
+        metavar="ROOT",
         type=Path,
+        action="append",
         required=True,
-        help="only files whose real path lies under this folder are deleted",
+        help="only paths whose real path lies under one of these folders are deleted; give it once per folder",
     )
     options.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     options.add_argument("--port", type=int, default=8100, help="port to listen on (default: %(default)s)")
@@ -47,13 +50,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the options and serve until interrupted."""
     options = parser().parse_args(argv)
-    if not options.root.is_dir():
-        parser().error(f"--root: {options.root} is not a directory")
+    for root in options.roots:
+        if not root.is_dir():
+            parser().error(f"--root: {root} is not a directory")
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with suppress(KeyboardInterrupt):
         asyncio.run(
             serve_agent(
-                options.root,
+                options.roots,
                 host=options.host,
                 port=options.port,
                 token=options.token,

@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from app.agent.outcome import DeleteOutcome
 from app.protocol import secret_uuid
 
 DEFAULT_LIBVIRT_URI = "qemu:///system"
@@ -57,15 +58,6 @@ class SecretPlan:
     error: str | None = None
 
 
-@dataclass
-class SecretOutcome:
-    """What undefining the checked secrets came to, in the protocol's terms."""
-
-    deleted: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-
 async def plan_secrets(libvirt: Libvirt, paths: Sequence[str]) -> SecretPlan:
     """Check every secret with libvirt before any is undefined: it must exist with usage `vtpm`, or be unknown."""
     plan = SecretPlan()
@@ -96,9 +88,9 @@ async def plan_secrets(libvirt: Libvirt, paths: Sequence[str]) -> SecretPlan:
     return plan
 
 
-async def undefine_secrets(libvirt: Libvirt, plan: SecretPlan) -> SecretOutcome:
+async def undefine_secrets(libvirt: Libvirt, plan: SecretPlan) -> DeleteOutcome:
     """Undefine the secrets a plan cleared; one that is gone meanwhile is missing, any other failure an error."""
-    outcome = SecretOutcome(missing=list(plan.missing))
+    outcome = DeleteOutcome(missing=list(plan.missing))
     limit = asyncio.Semaphore(_VIRSH_CONCURRENCY)
     results = await asyncio.gather(
         *(_undefine(libvirt, uuid, limit) for uuid in plan.to_undefine.values()), return_exceptions=True

@@ -1,28 +1,26 @@
-"""The host agent the project ships: deletes a VM's state files on one host, confined to a root directory.
+"""The host agent the project ships: deletes a VM's state files and directories on one host, under its roots,
+and its vTPM secrets through libvirt.
 
-It speaks the host-agent protocol of CONTRACT.md. Confinement follows ZStack's agent: a path is only
-touched when it is absolute, free of ".." and NUL, and both the directory entry named and the file
-it resolves to (links followed) lie under the real path of the root. A `Secret` is undefined through
-libvirt, and only when it is a vTPM's (app/agent/secrets.py). A request naming even one path or secret
-that fails these checks deletes nothing.
+It speaks the host-agent protocol of CONTRACT.md over HTTP; which paths it may delete, and how it deletes them
+without a race, is `app.agent.confinement`; which secrets it may undefine, and how, is `app.agent.secrets`. A
+request naming even one refused path or secret deletes nothing.
 """
 
 import asyncio
 import hmac
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 from pydantic import ValidationError
 
+from app.agent.confinement import PathRefused, confine_paths, delete_confined, real_roots
+from app.agent.outcome import DeleteOutcome
 from app.agent.secrets import Libvirt, plan_secrets, undefine_secrets
 from app.protocol import (
     DELETE_PATH,
     HEALTH_PATH,
-    MAX_PATH_BYTES,
     MAX_REQUEST_BYTES,
     DeleteFailed,
     DeleteRequest,
@@ -33,25 +31,17 @@ from app.protocol import (
 
 logger = logging.getLogger(__name__)
 
-_ROOT_KEY = web.AppKey("root", Path)
+_ROOTS_KEY: web.AppKey[tuple[Path, ...]] = web.AppKey("roots")
 _TOKEN_KEY = web.AppKey("token", str)
 _LIBVIRT_KEY = web.AppKey("libvirt", Libvirt)
 
 
-@dataclass
-class _DeleteOutcome:
-    """What a batch of deletes came to, in the protocol's terms."""
-
-    deleted: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    refused: str | None = None
-    errors: list[str] = field(default_factory=list)
-
-
-def create_agent_app(root: Path, *, token: str | None = None, libvirt: Libvirt | None = None) -> web.Application:
-    """Build the agent's web application, confined to `root` and `libvirt`, optionally requiring a bearer token."""
+def create_agent_app(*roots: Path, token: str | None = None, libvirt: Libvirt | None = None) -> web.Application:
+    """Build the agent's web application, confined to `roots` and `libvirt`, optionally requiring a bearer token."""
+    if not roots:
+        raise ValueError("the agent needs at least one root")
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
-    app[_ROOT_KEY] = Path(os.path.realpath(root))
+    app[_ROOTS_KEY] = real_roots(roots)
     app[_LIBVIRT_KEY] = libvirt if libvirt is not None else Libvirt()
     if token is not None:
         app[_TOKEN_KEY] = token
@@ -61,7 +51,7 @@ def create_agent_app(root: Path, *, token: str | None = None, libvirt: Libvirt |
 
 
 async def serve_agent(
-    root: Path,
+    roots: Sequence[Path],
     *,
     host: str = "127.0.0.1",
     port: int = 8100,
@@ -69,7 +59,7 @@ async def serve_agent(
     libvirt: Libvirt | None = None,
 ) -> None:
     """Run the agent on host:port until cancelled, then shut it down cleanly."""
-    app = create_agent_app(root, token=token, libvirt=libvirt)
+    app = create_agent_app(*roots, token=token, libvirt=libvirt)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
@@ -77,10 +67,10 @@ async def serve_agent(
         await site.start()
         for address in runner.addresses:
             logger.info(
-                "agent listening host=%s port=%s root=%s libvirt_uri=%s auth=%s",
+                "agent listening host=%s port=%s roots=%s libvirt_uri=%s auth=%s",
                 address[0],
                 address[1],
-                app[_ROOT_KEY],
+                ",".join(str(root) for root in app[_ROOTS_KEY]),
                 app[_LIBVIRT_KEY].uri,
                 "token" if token is not None else "none",
             )
@@ -117,29 +107,27 @@ async def delete_host_files(request: web.Request) -> web.Response:
         return answer(DeleteFailed(error=f"bad request: {reason}"), status=400)
     vm_uuid = delete.vm_uuid
     count = len({f.path for f in delete.files})
-    root = request.app[_ROOT_KEY]
-    outcome = await _delete_files(root, request.app[_LIBVIRT_KEY], delete.files)
-    if outcome.refused is not None:
-        logger.warning("delete refused vm_uuid=%s count=%d root=%s reason=%r", vm_uuid, count, root, outcome.refused)
-        return answer(DeleteFailed(error=outcome.refused))
+    try:
+        outcome = await _delete_files(request.app[_ROOTS_KEY], request.app[_LIBVIRT_KEY], delete.files)
+    except (PathRefused, SecretRefused) as refusal:
+        logger.warning("delete refused vm_uuid=%s count=%d reason=%r", vm_uuid, count, str(refusal))
+        return answer(DeleteFailed(error=str(refusal)))
     if outcome.errors:
         logger.error(
-            "delete failed vm_uuid=%s count=%d deleted=%d missing=%d root=%s errors=%r",
+            "delete failed vm_uuid=%s count=%d deleted=%d missing=%d errors=%r",
             vm_uuid,
             count,
             len(outcome.deleted),
             len(outcome.missing),
-            root,
             outcome.errors,
         )
         return answer(DeleteFailed(error="; ".join(outcome.errors)))
     logger.info(
-        "files deleted vm_uuid=%s count=%d deleted=%d missing=%d root=%s",
+        "files deleted vm_uuid=%s count=%d deleted=%d missing=%d",
         vm_uuid,
         count,
         len(outcome.deleted),
         len(outcome.missing),
-        root,
     )
     return answer(DeleteSucceeded(deleted=outcome.deleted, missing=outcome.missing))
 
@@ -151,29 +139,25 @@ def _bearer_matches(request: web.Request, token: str) -> bool:
     return hmac.compare_digest(given, expected)
 
 
-async def _delete_files(root: Path, libvirt: Libvirt, files: Sequence[FileToDelete]) -> _DeleteOutcome:
-    """Check every path against the root and every secret with libvirt, then delete them all, or none if any is refused.
+async def _delete_files(roots: tuple[Path, ...], libvirt: Libvirt, files: Sequence[FileToDelete]) -> DeleteOutcome:
+    """Check every path against the roots and every secret with libvirt, then delete them all; none if any is refused.
 
-    Checking all before deleting any keeps a bad request from half-applying; a libvirt that cannot say
-    what a secret is fails the request before anything is deleted, since nothing could vouch for it. A
-    delete that fails for another reason than the file being gone does not stop the others: each file
-    deleted is progress the service's retry need not redo, and the failure answer makes it retry the lot.
-    Secrets go last, as the key that encrypts the state is the last thing of a TPM to drop.
+    Checking all before deleting any keeps a bad request from half-applying; a libvirt that cannot say what a
+    secret is fails the request before anything is deleted, since nothing could vouch for it. Secrets go last, as
+    the key that encrypts the state is the last thing of a TPM to drop.
     """
     # A path listed twice would otherwise come back both deleted and missing.
     paths = list(dict.fromkeys(f.path for f in files if f.type != "Secret"))
     secrets = list(dict.fromkeys(f.path for f in files if f.type == "Secret"))
-    # realpath, lstat and unlink are blocking syscalls; for many files (or a slow disk) they would
-    # stall every other request, so they run in a worker thread.
-    entries, refusal = await asyncio.to_thread(_confined_entries, root, paths)
-    if refusal is not None:
-        return _DeleteOutcome(refused=refusal)
+    # realpath, open, unlink and rmtree are blocking syscalls; for many files, a big directory or a slow disk
+    # they would stall every other request, so checks and deletes run in a worker thread.
+    confined = await asyncio.to_thread(confine_paths, roots, paths)
     plan = await plan_secrets(libvirt, secrets)
     if plan.refused is not None:
-        return _DeleteOutcome(refused=plan.refused)
+        raise SecretRefused(plan.refused)
     if plan.error is not None:
-        return _DeleteOutcome(errors=[plan.error])
-    outcome = await asyncio.to_thread(_unlink_entries, entries)
+        return DeleteOutcome(errors=[plan.error])
+    outcome = await asyncio.to_thread(delete_confined, confined)
     undefined = await undefine_secrets(libvirt, plan)
     outcome.deleted.extend(undefined.deleted)
     outcome.missing.extend(undefined.missing)
@@ -181,74 +165,5 @@ async def _delete_files(root: Path, libvirt: Libvirt, files: Sequence[FileToDele
     return outcome
 
 
-def _confined_entries(root: Path, paths: Sequence[str]) -> tuple[list[tuple[str, str]], str | None]:
-    """Check every path against the root; each path with its entry to unlink, or why the request is refused."""
-    entries: list[tuple[str, str]] = []
-    for path in paths:
-        entry, refusal = _confined_entry(root, path)
-        if refusal is not None:
-            return [], refusal
-        entries.append((path, entry))
-    return entries, None
-
-
-def _unlink_entries(entries: Sequence[tuple[str, str]]) -> _DeleteOutcome:
-    """Unlink the checked entries; each one gone already is missing, each other failure an error."""
-    outcome = _DeleteOutcome()
-    for path, entry in entries:
-        try:
-            os.unlink(entry)
-        except FileNotFoundError:
-            outcome.missing.append(path)
-        except OSError as exc:
-            outcome.errors.append(f"cannot delete {path}: {exc.strerror or exc}")
-        else:
-            outcome.deleted.append(path)
-    return outcome
-
-
-def _confined_entry(root: Path, path: str) -> tuple[str, str | None]:
-    """Find the directory entry to unlink for `path`, or say why the path is refused.
-
-    The entry is the path with its directory resolved but its last component kept: for a symlink
-    inside the root that points at a file inside the root, the link itself is removed and its
-    target left alone. That is the safe reading: the service recorded the link's path, and
-    removing a target elsewhere would act on a file nobody named.
-
-    The checks assume nobody swaps directories under the root for links between check and unlink
-    (the root belongs to the hypervisor's state, not to VM guests).
-    """
-    if "\x00" in path:
-        return "", f"path contains a NUL byte: {path!r}"
-    try:
-        encoded = os.fsencode(path)
-    except UnicodeEncodeError:
-        return "", f"path cannot be encoded for the filesystem: {path!r}"
-    if len(encoded) > MAX_PATH_BYTES:
-        return "", f"path is longer than {MAX_PATH_BYTES} bytes: {path[:80]!r}..."
-    if not os.path.isabs(path):
-        return "", f"path is not absolute: {path}"
-    if ".." in path.split("/"):
-        return "", f"path contains a '..' segment: {path}"
-    directory, name = os.path.split(path)
-    if name in ("", "."):
-        return "", f"path names a directory: {path}"
-    entry = os.path.join(os.path.realpath(directory), name)
-    if not _is_strictly_under(entry, root):
-        return "", f"path is outside the agent root: {path}"
-    # A link is refused when its target leaves the root even though only the link would be
-    # unlinked: a path whose real file lies elsewhere is not one this agent manages.
-    if not _is_strictly_under(os.path.realpath(path), root):
-        return "", f"path resolves outside the agent root: {path}"
-    if os.path.isdir(path):
-        return "", f"path is a directory: {path}"
-    return entry, None
-
-
-def _is_strictly_under(path: str, root: Path) -> bool:
-    """Tell whether `path` lies inside `root` (both real paths), the root itself excluded.
-
-    Compares whole components, so that "/srv/rootX/f" is not taken to lie under "/srv/root".
-    """
-    candidate = Path(path)
-    return candidate != root and candidate.is_relative_to(root)
+class SecretRefused(Exception):
+    """A requested secret the agent will not undefine (no secret's name, or not a vTPM's); the message says why."""
