@@ -3,6 +3,7 @@
 
 import asyncio
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,12 +20,14 @@ from app.agent.server import create_agent_app
 from app.protocol import DELETE_PATH
 from app.service.audit import audit
 from app.service.db.migrate import downgrade, upgrade
+from devtools.host_layout import make_nvram
 from devtools.local_stack import agent_process
 from tests.agent_helpers import running_app
 from tests.conftest import AppFactory, create_database
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 from tests.problem_helpers import assert_problem
 from tests.real_libvirt import LibvirtDaemon, missing_requirement, secret_path
+from tests.real_swtpm import real_vm_state
 from tests.reliability.process_helpers import wait_until
 
 
@@ -63,9 +66,9 @@ async def post_delete(url: str, vm: str, files: list[tuple[str, str]]) -> dict[s
     return result
 
 
-def agent_on(root: Path, libvirtd: LibvirtDaemon) -> Any:
-    """The shipped agent, confined to `root`, undefining secrets on the test's libvirtd; run it with running_app."""
-    return running_app(create_agent_app(root, libvirt=Libvirt(uri=libvirtd.uri)))
+def agent_on(root: Path, libvirtd: LibvirtDaemon, *more_roots: Path) -> Any:
+    """The shipped agent, confined to its roots, undefining secrets on the test's libvirtd; run it with running_app."""
+    return running_app(create_agent_app(root, *more_roots, libvirt=Libvirt(uri=libvirtd.uri)))
 
 
 async def confirmed_paths(client: httpx.AsyncClient, host: str) -> list[str]:
@@ -244,10 +247,15 @@ async def test_agent_process_undefines_secrets_on_its_libvirt_uri(libvirtd: Libv
 async def test_tpm_removal_undefines_the_vms_secret_with_its_state_and_nvram(
     client: httpx.AsyncClient, libvirtd: LibvirtDaemon, tmp_path: Path
 ) -> None:
+    # A real host's layout: swtpm state made by swtpm_setup and its backup, NVRAM, under libvirt's two roots.
     vm = await put_vm(client)
+    swtpm, nvram_root = tmp_path / "libvirt" / "swtpm", tmp_path / "libvirt" / "qemu" / "nvram"
+    nvram_root.mkdir(parents=True)
+    state = real_vm_state(swtpm, vm)
+    backup = shutil.copytree(state, swtpm / f"{vm}.snapshot-backup", symlinks=True)
+    nvram = make_nvram(nvram_root, f"vm-{vm[:8]}")
     secret = await libvirtd.define_secret()
-    state, backup, nvram = make_files(tmp_path, vm, "tpm2-00.permall", "tpm2-00.permall.bak", "nvram.fd")
-    async with agent_on(tmp_path, libvirtd) as url:
+    async with agent_on(swtpm, libvirtd, nvram_root) as url:
         host = await put_host(client, url)
         await add_file(client, vm, host, state)
         await add_file(client, vm, host, backup, backup=True)
@@ -259,6 +267,7 @@ async def test_tpm_removal_undefines_the_vms_secret_with_its_state_and_nvram(
     assert [(h["files"], h["state"]) for h in job["hosts"]] == [(4, "deleted")]
     assert not await libvirtd.is_defined(secret)
     assert not [f for f in (state, backup, nvram) if f.exists()]
+    assert sorted(p.name for p in (tmp_path / "libvirt").rglob("*")) == ["nvram", "qemu", "swtpm"]
     assert await confirmed_paths(client, host) == sorted([str(state), str(backup), str(nvram), secret_path(secret)])
     assert (await client.get(f"/vms/{vm}/host-files")).json() == []
 
