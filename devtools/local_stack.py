@@ -7,9 +7,11 @@ that a failed start can show why.
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,13 +31,26 @@ def free_port() -> int:
 
 
 class LocalProcess:
-    """One `python -m app ARGS` subprocess that answers 200 on `ready_path` once it is up."""
+    """One `python -m app ARGS` subprocess that answers 200 on `ready_path` once it is up.
 
-    def __init__(self, args: list[str], *, port: int, ready_path: str, env: dict[str, str], log_path: Path) -> None:
+    With `probe_context` it serves HTTPS, and its readiness is probed over TLS with that context.
+    """
+
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        port: int,
+        ready_path: str,
+        env: dict[str, str],
+        log_path: Path,
+        probe_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.args = args
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if probe_context else 'http'}://127.0.0.1:{port}"
         self._ready_path = ready_path
+        self._probe_context = probe_context
         self._env = env
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
@@ -55,7 +70,8 @@ class LocalProcess:
             if self._process.poll() is not None:
                 raise RuntimeError(f"`app {' '.join(self.args)}` exited: {self.log_tail()}")
             try:
-                if httpx.get(self.url + self._ready_path, timeout=1.0).status_code == 200:
+                probe = httpx.get(self.url + self._ready_path, timeout=1.0, verify=self._probe_context or True)
+                if probe.status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -92,13 +108,32 @@ def service_process(database_url: str, log_dir: Path, **settings: str) -> LocalP
     )
 
 
-def agent_process(root: Path, log_dir: Path, *, token: str | None = None) -> LocalProcess:
-    """The shipped agent, confined to `root`, on a free port."""
+@dataclass(frozen=True)
+class AgentTls:
+    """How an agent serves HTTPS: its `--tls-cert`, `--tls-key` and `--client-ca`, and how to probe it."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None
+    probe_context: ssl.SSLContext
+    """Trusts the agent's certificate, and shows a client certificate the agent accepts when it requires one."""
+
+    def options(self) -> list[str]:
+        """The agent's command-line options for this."""
+        options = ["--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file)]
+        if self.client_ca_file is not None:
+            options += ["--client-ca", str(self.client_ca_file)]
+        return options
+
+
+def agent_process(root: Path, log_dir: Path, *, token: str | None = None, tls: AgentTls | None = None) -> LocalProcess:
+    """The shipped agent, confined to `root`, on a free port; over HTTPS (and mutual TLS) as `tls` says."""
     port = free_port()
     return LocalProcess(
-        ["agent", "--root", str(root), "--port", str(port)],
+        ["agent", "--root", str(root), "--port", str(port), *(tls.options() if tls else [])],
         port=port,
         ready_path="/healthz",
         env={"AGENT_TOKEN": token} if token else {},
         log_path=log_dir / f"agent-{port}.log",
+        probe_context=tls.probe_context if tls else None,
     )

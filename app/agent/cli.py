@@ -13,6 +13,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from app.agent.server import serve_agent
+from app.agent.tls import TlsFileError, add_tls_options, ssl_context_from_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("AGENT_TOKEN"),
         help="bearer token callers must send (default: the AGENT_TOKEN environment variable)",
     )
+    add_tls_options(options)
     options.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="default: %(default)s")
     return options
 
@@ -43,6 +45,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = parser().parse_args(argv)
     if not options.root.is_dir():
         parser().error(f"--root: {options.root} is not a directory")
+    try:
+        ssl_context = ssl_context_from_options(options)
+    except TlsFileError as error:
+        parser().error(str(error))
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with suppress(KeyboardInterrupt):
-        asyncio.run(serve_agent(options.root, host=options.host, port=options.port, token=options.token))
+        asyncio.run(
+            serve_agent(
+                options.root, host=options.host, port=options.port, token=options.token, ssl_context=ssl_context
+            )
+        )

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import logging
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,25 +56,40 @@ def create_agent_app(root: Path, *, token: str | None = None) -> web.Application
     return app
 
 
-async def serve_agent(root: Path, *, host: str = "127.0.0.1", port: int = 8100, token: str | None = None) -> None:
-    """Run the agent on host:port until cancelled, then shut it down cleanly."""
+async def serve_agent(
+    root: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8100,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    """Run the agent on host:port (HTTPS only with `ssl_context`, see app/agent/tls.py) until cancelled."""
     app = create_agent_app(root, token=token)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         for address in runner.addresses:
             logger.info(
-                "agent listening host=%s port=%s root=%s auth=%s",
+                "agent listening host=%s port=%s root=%s auth=%s tls=%s",
                 address[0],
                 address[1],
                 app[_ROOT_KEY],
                 "token" if token is not None else "none",
+                _tls_mode(ssl_context),
             )
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+
+
+def _tls_mode(ssl_context: ssl.SSLContext | None) -> str:
+    """How the agent serves, for its start-up log line: "off", "server" or "mutual"."""
+    if ssl_context is None:
+        return "off"
+    return "mutual" if ssl_context.verify_mode == ssl.CERT_REQUIRED else "server"
 
 
 async def healthz(request: web.Request) -> web.Response:

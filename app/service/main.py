@@ -7,8 +7,9 @@ from contextlib import asynccontextmanager, suppress
 from functools import partial
 
 from fastapi import APIRouter, Depends, FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.service.agent_client import AgentClient, agent_session
+from app.service.agent_client import AgentClient, agent_session, agent_ssl_context
 from app.service.api import health, hosts, jobs, orphans, tpm, vms
 from app.service.api.deps import require_token
 from app.service.api.docs import add_offline_docs
@@ -19,9 +20,11 @@ from app.service.db.engine import (
     asyncpg_dsn,
     create_engine,
     create_session_factory,
+    is_database_unavailable,
     resolve_database_url,
 )
 from app.service.db.notify import Notifications
+from app.service.inventory.service import list_agent_urls
 from app.service.jobs.worker import Worker
 from app.service.metrics import HttpMetrics
 from app.service.orphans.reaper import OrphanReaper
@@ -67,7 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # makes every earlier worker commit durable too.
     worker_engine = new_engine(synchronous_commit=False)
     sessions = create_session_factory(engine)
-    http = agent_session(settings.agent_concurrency)
+    http = agent_session(settings.agent_concurrency, app.state.agent_ssl_context)
     agent = AgentClient(
         http,
         timeout_seconds=settings.agent_timeout_seconds,
@@ -92,6 +95,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_jobs=settings.worker_max_jobs,
         max_failures=settings.job_max_failures,
     )
+    await warn_about_plain_http_agents(sessions, agent)
     app.state.engine = engine
     app.state.worker_engine = worker_engine
     app.state.sessions = sessions
@@ -116,6 +120,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await worker_engine.dispose()
 
 
+async def warn_about_plain_http_agents(sessions: async_sessionmaker[AsyncSession], agent: AgentClient) -> None:
+    """Log at start, once per known host, that its agent is called over plain HTTP (a host added later: at its
+    first call)."""
+    try:
+        async with sessions() as session:
+            agent_urls = await list_agent_urls(session)
+    except Exception as error:
+        if not is_database_unavailable(error):
+            raise
+        log.warning("the hosts could not be read at start: each plain-HTTP agent is warned about at its first call")
+        return
+    for agent_url in agent_urls:
+        agent.warn_if_plain_http(agent_url)
+
+
 def create_app(
     settings: Settings | None = None, *, database_url: str | None = None, run_worker: bool = True
 ) -> FastAPI:
@@ -136,7 +155,11 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings = settings or get_settings()
+    # Built here, before the server starts, so that a bad TLS file stops `serve` with its one-line AgentTlsError.
+    app.state.agent_ssl_context = agent_ssl_context(
+        settings.agent_ca_file, settings.agent_cert_file, settings.agent_key_file
+    )
     app.state.database_url = database_url
     app.state.run_worker = run_worker
     app.state.stopping = asyncio.Event()

@@ -2,7 +2,6 @@
 
 from functools import lru_cache
 from pathlib import Path
-
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -10,7 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """The service's configuration; each field is the environment variable of the same name, upper-cased."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+    # Errors name the variable but never echo the values: they may be tokens.
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", hide_input_in_errors=True)
 
     database_url: str | None = Field(
         default=None,
@@ -18,6 +18,12 @@ class Settings(BaseSettings):
     )
     api_token: SecretStr | None = None
     agent_token: SecretStr | None = None
+    # PEM files of the TLS to `https://` agents, loaded once at start (app/service/agent_client.py):
+    # the CAs that agents' certificates are verified against (unset: the system's), and the client
+    # certificate and key the service presents to them (mutual TLS; unset: none).
+    agent_ca_file: Path | None = None
+    agent_cert_file: Path | None = None
+    agent_key_file: Path | None = None
     agent_timeout_seconds: float = Field(default=10.0, gt=0)
     agent_concurrency: int = Field(default=64, ge=1)
     orphan_retry_seconds: float = Field(default=30.0, gt=0)
