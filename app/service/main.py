@@ -148,7 +148,8 @@ def create_app(
             "binding in one transaction. Host deletes are best-effort: a host that fails is reported in "
             "the job and its files become orphan files, retried until the host confirms.\n\n"
             "Every error is `application/problem+json` (RFC 9457). When `API_TOKEN` is set, every endpoint "
-            "but health, metrics and the docs needs `Authorization: Bearer <token>` (use Authorize)."
+            "but health, metrics and the docs needs `Authorization: Bearer <token>` (use Authorize): "
+            "`API_TOKEN`, or `API_READ_TOKEN` for GET calls only."
         ),
         lifespan=lifespan,
         # Served by add_offline_docs from installed assets instead of a CDN.
@@ -169,7 +170,7 @@ def create_app(
     add_request_ids(app)
     app.include_router(health.router)
     add_offline_docs(app)
-    protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 503))
+    protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 403, 503))
     for module in (hosts, vms, tpm, jobs, orphans):
         protected.include_router(module.router)
     app.include_router(protected)

@@ -2,7 +2,9 @@
 
 from functools import lru_cache
 from pathlib import Path
-from pydantic import Field, SecretStr
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +19,8 @@ class Settings(BaseSettings):
         description="postgresql+asyncpg:// URL; unset starts an embedded PostgreSQL under data_dir",
     )
     api_token: SecretStr | None = None
+    # A second bearer token that may make GET (and HEAD) calls only: for dashboards and the CLI's read commands.
+    api_read_token: SecretStr | None = None
     agent_token: SecretStr | None = None
     # PEM files of the TLS to `https://` agents, loaded once at start (app/service/agent_client.py):
     # the CAs that agents' certificates are verified against (unset: the system's), and the client
@@ -44,6 +48,13 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=20, ge=1)
     data_dir: Path = Path(".data")
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _read_token_differs(self) -> Self:
+        # The same value for both would make the read-only token a full one, without anyone noticing.
+        if self.api_read_token is not None and self.api_read_token == self.api_token:
+            raise ValueError("API_READ_TOKEN must differ from API_TOKEN")
+        return self
 
 
 @lru_cache
