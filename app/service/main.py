@@ -95,7 +95,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_jobs=settings.worker_max_jobs,
         max_failures=settings.job_max_failures,
     )
-    await warn_about_plain_http_agents(sessions, agent)
     app.state.engine = engine
     app.state.worker_engine = worker_engine
     app.state.sessions = sessions
@@ -105,6 +104,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if app.state.run_worker:
         worker.start()
     try:
+        await warn_about_plain_http_agents(sessions, agent)
         yield
     finally:
         if app.state.run_worker:
