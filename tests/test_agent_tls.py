@@ -210,14 +210,17 @@ async def test_plain_http_agents_keep_working(
     assert not state.exists()
 
 
-@pytest.mark.parametrize("client_cert", ["none", "other CA"])
+@pytest.mark.parametrize("intruder", ["no client certificate", "a certificate of another CA", "plain HTTP"])
 async def test_the_agent_serves_nothing_to_a_client_without_a_certificate_of_its_ca(
-    ca: PrivateCa, other_ca: PrivateCa, service_cert: IssuedCert, mutual_agent: LocalProcess, client_cert: str
+    ca: PrivateCa, other_ca: PrivateCa, service_cert: IssuedCert, mutual_agent: LocalProcess, intruder: str
 ) -> None:
-    refused = ca.client_context(other_ca.issue("intruder") if client_cert == "other CA" else None)
-    async with httpx.AsyncClient(verify=refused) as intruder:
+    url = mutual_agent.url + "/healthz"
+    if intruder == "plain HTTP":
+        url = url.replace("https://", "http://")
+    refused = ca.client_context(other_ca.issue("intruder") if intruder == "a certificate of another CA" else None)
+    async with httpx.AsyncClient(verify=refused) as client:
         with pytest.raises(httpx.TransportError):
-            await intruder.get(mutual_agent.url + "/healthz")
+            await client.get(url)
     async with httpx.AsyncClient(verify=ca.client_context(service_cert)) as service:
         assert (await service.get(mutual_agent.url + "/healthz")).status_code == 200
 
