@@ -6,6 +6,7 @@ pydantic and the standard library, since the agent runs on every KVM host.
 """
 
 import re
+import ssl
 from typing import Annotated, Literal, get_args
 from uuid import UUID
 
@@ -82,3 +83,16 @@ def describe_invalid(error: ValidationError, *, most: int = 3) -> str:
     ]
     more = error.error_count() - len(problems)
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+
+
+# Both ends of the protocol may speak it over mutual TLS, each loading PEM files it is given; both say the same
+# about one that does not load.
+def describe_file_error(error: OSError | ssl.SSLError) -> str:
+    """Say in a few words why a PEM file could not be loaded ("No such file or directory", "key values mismatch")."""
+    if isinstance(error, ssl.SSLError):
+        # OpenSSL's reason code when it gives one (KEY_VALUES_MISMATCH), else its text without the source line.
+        detail = error.reason.lower().replace("_", " ") if error.reason else error.args[-1].split(" (_ssl.c")[0]
+        return f"not a usable PEM file ({detail})"
+    if error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__

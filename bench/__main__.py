@@ -1,13 +1,14 @@
 """`python -m bench`: the service's benchmark, in one run on a fresh database (see docs/BENCHMARK.md).
 
-Starts the service (`python -m app serve`) and the bare baseline app as real processes, and a fleet of the
-shipped host agents inside this process, then prints the fan-out ratio, the physical-limit ratio, the SQL
-cost per job and the memory growth over many removals.
+Starts the service (`python -m app serve`) and the bare baseline app as real processes, and two fleets of the
+shipped host agents inside this process, one over plain HTTP and one over mutual TLS, then prints the fan-out
+ratio and the physical-limit ratio over each, the SQL cost per job and the memory growth over many removals.
 """
 
 import argparse
 import asyncio
 import json
+import logging
 import os
 import platform
 import signal
@@ -34,6 +35,7 @@ from bench.fleet import agent_fleet
 from bench.load import LoadResult, client_session
 from bench.scenarios import FanOutRun, baseline_run, fan_out_run, removal_run, two_host_layouts
 from bench.seed import FileSpec, Seeder
+from bench.tls import make_pki
 from devtools.local_stack import LocalProcess, free_port, service_process
 
 # Hosts of the throughput scenario; each VM has files on two of them.
@@ -46,6 +48,8 @@ GOAL_LIMIT_RATIO = 0.25
 GOAL_RSS_GROWTH_MB = 30.0
 # Lets the service's last allocations and freed connections settle before memory is read.
 _SETTLE_SECONDS = 2.0
+# The two ways the service calls agents; every fan-out and removal figure is measured over both.
+PLAIN, TLS = "plain HTTP", "mutual TLS"
 
 
 def parse_args() -> argparse.Namespace:
@@ -152,14 +156,26 @@ async def run(args: argparse.Namespace) -> None:
     for line in machine():
         report(line)
     report(f"command: {' '.join(['python -m bench', *sys.argv[1:]])}")
+    # What the service's code logs inside this process (the cost step's plain-HTTP agent warnings, say) goes to a
+    # file, not between the figures.
+    in_process_log = Path(tempfile.gettempdir()) / f"vtpm-bench-in-process-{os.getpid()}.log"
+    logging.basicConfig(filename=in_process_log, level=logging.WARNING)
+    report(f"logs of the code run in this process: {in_process_log}")
     async with AsyncExitStack() as stack:
         server_url, where = await stack.enter_async_context(postgres_server())
         database_url = await stack.enter_async_context(fresh_database(server_url))
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vtpm-bench-agents-")))
-        fast_urls = await stack.enter_async_context(agent_fleet(root, hosts=THROUGHPUT_HOSTS, delay_seconds=0))
-        slow_urls = await stack.enter_async_context(
-            agent_fleet(root, hosts=args.fanout_hosts, delay_seconds=args.fanout_delay)
-        )
+        pki = make_pki(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vtpm-bench-pki-"))))
+        fleets: dict[str, tuple[list[str], list[str]]] = {}
+        for transport, ssl_context in ((PLAIN, None), (TLS, pki.agent_context())):
+            fleet_fast = await stack.enter_async_context(
+                agent_fleet(root, hosts=THROUGHPUT_HOSTS, delay_seconds=0, ssl_context=ssl_context)
+            )
+            fleet_slow = await stack.enter_async_context(
+                agent_fleet(root, hosts=args.fanout_hosts, delay_seconds=args.fanout_delay, ssl_context=ssl_context)
+            )
+            fleets[transport] = fleet_fast, fleet_slow
+        fast_urls, slow_urls = fleets[PLAIN]
         database = await asyncpg.connect(asyncpg_dsn(database_url))
         stack.push_async_callback(database.close)
         seeder = await Seeder.connect(database_url, root)
@@ -170,7 +186,9 @@ async def run(args: argparse.Namespace) -> None:
             "The agents find the files already gone (they answer `missing`), after the same path checks."
         )
         fast_hosts = await seeder.hosts(fast_urls)
-        slow_hosts = await seeder.hosts(slow_urls)
+        tls_fast_hosts = await seeder.hosts(fleets[TLS][0])
+        slow_hosts = {PLAIN: await seeder.hosts(slow_urls), TLS: await seeder.hosts(fleets[TLS][1])}
+        throughput_hosts = {PLAIN: fast_hosts, TLS: tls_fast_hosts}
 
         report()
         report(
@@ -194,9 +212,16 @@ async def run(args: argparse.Namespace) -> None:
         equal = costs[0].statements["cleanup"] == costs[1].statements["cleanup"]
         report(f"cleanup statements equal for 1 and {COST_LARGE_FILES} files: {'yes' if equal else 'NO'}")
 
-        fan_out_vms = await seeder.vms([[FileSpec(host, "TpmState") for host in slow_hosts]] * args.fanout_runs)
-        warmup_vms = await seeder.vms(two_host_layouts(fast_hosts, args.warmup))
-        removal_rounds = [await seeder.vms(two_host_layouts(fast_hosts, args.removals)) for _ in range(args.rounds)]
+        fan_out_vms, warmup_vms, removal_rounds = {}, {}, {}
+        for transport in (PLAIN, TLS):
+            fan_out_vms[transport] = await seeder.vms(
+                [[FileSpec(host, "TpmState") for host in slow_hosts[transport]]] * args.fanout_runs
+            )
+            warmup_vms[transport] = await seeder.vms(two_host_layouts(throughput_hosts[transport], args.warmup))
+            removal_rounds[transport] = [
+                await seeder.vms(two_host_layouts(throughput_hosts[transport], args.removals))
+                for _ in range(args.rounds)
+            ]
         http = await stack.enter_async_context(client_session(args.concurrency))
         # The simulated hosts and the client live in this process: a collector pause over the seeded inventory
         # would hold every agent's answer at once, which no fleet of real hosts does.
@@ -226,7 +251,7 @@ async def run(args: argparse.Namespace) -> None:
         report(f"baseline INSERTs per second, median of {args.rounds}: {limit_per_second:.0f}/s")
 
         # The default AGENT_CONCURRENCY (64) would send a 200-host fan-out in waves of 64.
-        settings = {"AGENT_CONCURRENCY": str(max(256, args.fanout_hosts))}
+        settings = {"AGENT_CONCURRENCY": str(max(256, args.fanout_hosts)), **pki.service_settings()}
         service = await stack.enter_async_context(
             service_process(
                 database_url, Path(tempfile.gettempdir()), name=f"vtpm-bench-service-{os.getpid()}", **settings
@@ -239,26 +264,37 @@ async def run(args: argparse.Namespace) -> None:
             + f" (log: {service.log_path})"
         )
 
-        report()
-        report(
-            f"== 1. fan-out: one VM, one file on each of {args.fanout_hosts} hosts answering after "
-            f"{args.fanout_delay * 1000:.0f} ms"
-        )
-        runs: list[FanOutRun] = [await fan_out_run(http, database, service.url, vm) for vm in fan_out_vms]
-        for number, fan_out in enumerate(runs, 1):
+        fan_out_ratios = {}
+        for transport in (PLAIN, TLS):
+            report()
             report(
-                f"run {number}: job ran {fan_out.run_seconds * 1000:.0f} ms (finished_at - started_at) on "
-                f"{fan_out.hosts} hosts; {fan_out.caller_seconds * 1000:.0f} ms from DELETE sent to job seen ended"
+                f"== 1. fan-out over {transport}: one VM, one file on each of {args.fanout_hosts} hosts answering "
+                f"after {args.fanout_delay * 1000:.0f} ms"
             )
-        ratio = statistics.median(r.run_seconds for r in runs) / args.fanout_delay
-        report(f"fan-out ratio (median run / one host's delay): {ratio:.2f} (goal <= {GOAL_FAN_OUT_RATIO})")
+            runs: list[FanOutRun] = [
+                await fan_out_run(http, database, service.url, vm) for vm in fan_out_vms[transport]
+            ]
+            for number, fan_out in enumerate(runs, 1):
+                # The first run of each opens a connection to every host; over TLS each one's handshake is in it.
+                fresh = " (new connections)" if number == 1 else ""
+                report(
+                    f"run {number}{fresh}: job ran {fan_out.run_seconds * 1000:.0f} ms (finished_at - started_at) "
+                    f"on {fan_out.hosts} hosts; {fan_out.caller_seconds * 1000:.0f} ms from DELETE sent to job seen "
+                    "ended"
+                )
+            fan_out_ratios[transport] = statistics.median(r.run_seconds for r in runs) / args.fanout_delay
+            report(
+                f"fan-out ratio over {transport} (median run / one host's delay): {fan_out_ratios[transport]:.2f} "
+                f"(goal <= {GOAL_FAN_OUT_RATIO})"
+            )
+        ratio = fan_out_ratios[PLAIN]
         report(f"a serial per-host loop would take at least {args.fanout_hosts * args.fanout_delay:.1f} s")
         calls_alone = await agent_calls_alone(slow_urls, root, args.fanout_runs)
         alone = statistics.median(calls_alone["seconds"])
         report(
-            f"the same {args.fanout_hosts} calls alone (python -m bench.agent_calls: AgentClient in a process of its "
-            f"own, no service, no database), median of {args.fanout_runs}: {alone * 1000:.0f} ms = ratio "
-            f"{alone / args.fanout_delay:.2f}; the service adds {ratio - alone / args.fanout_delay:.2f}; "
+            f"over {PLAIN}, the same {args.fanout_hosts} calls alone (python -m bench.agent_calls: AgentClient in a "
+            f"process of its own, no service, no database), median of {args.fanout_runs}: {alone * 1000:.0f} ms = "
+            f"ratio {alone / args.fanout_delay:.2f}; the service adds {ratio - alone / args.fanout_delay:.2f}; "
             f"the caller's CPU per call {calls_alone['cpu_ms_per_call'] * 1000:.0f} µs"
         )
         bare = await agent_calls_alone(slow_urls, root, args.fanout_runs, "--bare")
@@ -269,35 +305,49 @@ async def run(args: argparse.Namespace) -> None:
             f"{bare['cpu_ms_per_call'] * 1000:.0f} µs"
         )
 
-        report()
-        report(
-            f"== 2b. removals end to end: {args.removals} VMs, 3 files on 2 of {THROUGHPUT_HOSTS} hosts, agents "
-            f"answering at once, {args.concurrency} DELETEs in flight, {args.rounds} rounds (after {args.warmup} "
-            "warm-up removals)"
-        )
-        await removal_run(http, database, service.url, warmup_vms, concurrency=args.concurrency)
-        rates = []
-        async with profiling(service.pid, args.profile):
-            for vm_uuids in removal_rounds:
-                cpu = service.cpu_seconds()
-                removals = await removal_run(http, database, service.url, vm_uuids, concurrency=args.concurrency)
-                cpu = service.cpu_seconds() - cpu
-                report(describe_load("accepted DELETEs (202) alone", removals.accepted))
-                report(
-                    f"removals end to end: {removals.succeeded} jobs succeeded {removals.end_to_end_seconds:.2f} s "
-                    f"after the first DELETE = {removals.removals_per_second:.0f}/s"
-                )
-                report(describe_cpu("service", cpu, removals.succeeded, removals.end_to_end_seconds, "removal"))
-                rates.append(removals.removals_per_second)
-        removals_per_second = statistics.median(rates)
-        limit_ratio = removals_per_second / limit_per_second
-        report(
-            f"physical-limit ratio (median removals/s {removals_per_second:.0f} / median baseline INSERTs/s "
-            f"{limit_per_second:.0f}): {limit_ratio:.2f} (goal >= {GOAL_LIMIT_RATIO}); by round: "
-            + ", ".join(f"{rate / limit:.2f}" for rate, limit in zip(rates, limits, strict=True))
-        )
+        limit_ratios = {}
+        for transport in (PLAIN, TLS):
+            report()
+            report(
+                f"== 2b. removals end to end over {transport}: {args.removals} VMs, 3 files on 2 of "
+                f"{THROUGHPUT_HOSTS} hosts, agents answering at once, {args.concurrency} DELETEs in flight, "
+                f"{args.rounds} rounds (after {args.warmup} warm-up removals)"
+            )
+            await removal_run(http, database, service.url, warmup_vms[transport], concurrency=args.concurrency)
+            rates = []
+            # The profile, when asked for, is of the plain-HTTP rounds, as before TLS.
+            async with profiling(service.pid, args.profile if transport == PLAIN else None):
+                for vm_uuids in removal_rounds[transport]:
+                    cpu = service.cpu_seconds()
+                    removals = await removal_run(http, database, service.url, vm_uuids, concurrency=args.concurrency)
+                    cpu = service.cpu_seconds() - cpu
+                    report(describe_load("accepted DELETEs (202) alone", removals.accepted))
+                    report(
+                        f"removals end to end: {removals.succeeded} jobs succeeded {removals.end_to_end_seconds:.2f} "
+                        f"s after the first DELETE = {removals.removals_per_second:.0f}/s"
+                    )
+                    report(describe_cpu("service", cpu, removals.succeeded, removals.end_to_end_seconds, "removal"))
+                    rates.append(removals.removals_per_second)
+            removals_per_second = statistics.median(rates)
+            limit_ratios[transport] = removals_per_second / limit_per_second
+            report(
+                f"physical-limit ratio over {transport} (median removals/s {removals_per_second:.0f} / median "
+                f"baseline INSERTs/s {limit_per_second:.0f}): {limit_ratios[transport]:.2f} (goal >= "
+                f"{GOAL_LIMIT_RATIO}); by round: "
+                + ", ".join(f"{rate / limit:.2f}" for rate, limit in zip(rates, limits, strict=True))
+            )
         if args.profile:
             report(f"profile of the service during this run: {args.profile}")
+
+        report()
+        report(
+            "== summary: "
+            + "; ".join(
+                f"over {transport}: fan-out ratio {fan_out_ratios[transport]:.2f}, physical-limit ratio "
+                f"{limit_ratios[transport]:.2f}"
+                for transport in (PLAIN, TLS)
+            )
+        )
 
         report()
         report(f"== 4. memory: service RSS before and after {args.memory_removals} more removals")

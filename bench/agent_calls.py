@@ -11,6 +11,7 @@ process's CPU time per call in milliseconds.
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 import uuid
@@ -20,7 +21,7 @@ from pathlib import Path
 import aiohttp
 
 from app.protocol import DELETE_PATH
-from app.service.agent_client import AgentClient, FileToDelete, agent_session
+from app.service.agent_client import AgentClient, FileToDelete, agent_session, agent_ssl_context
 from app.service.commands import tune_garbage_collector
 from bench import loop
 
@@ -53,7 +54,7 @@ def bare_call(http: aiohttp.ClientSession) -> Call:
 async def call_all(urls: list[str], root: Path, runs: int, *, bare: bool) -> dict[str, object]:
     """Ask every agent to delete one file (missing, under `root`) of a new VM, `runs` times; each run's seconds
     and the CPU time per call."""
-    async with agent_session(len(urls)) as http:
+    async with agent_session(len(urls), agent_ssl_context()) as http:
         call = bare_call(http) if bare else agent_client_call(http, len(urls))
         seconds = []
         cpu_started = time.process_time()
@@ -77,6 +78,8 @@ def main() -> None:
     parser.add_argument("--bare", action="store_true", help="aiohttp alone, without AgentClient")
     args = parser.parse_args()
     urls = [line.strip() for line in sys.stdin if line.strip()]
+    # Only errors: AgentClient's warning about each plain-HTTP agent would come between the report's lines.
+    logging.basicConfig(level=logging.ERROR)
     # The collector as `serve` sets it, so that the calls cost what they cost in the service.
     tune_garbage_collector()
     print(json.dumps(loop.run(call_all(urls, args.root, args.runs, bare=args.bare))))

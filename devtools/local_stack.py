@@ -12,10 +12,12 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -61,6 +63,7 @@ class LocalProcess:
 
     Synchronous callers use `start` and `stop` (or `with`), asynchronous ones `started` and `shut_down`
     (or `async with`): the waits run in a thread, so that servers on the caller's loop keep answering.
+    With `probe_context` it serves HTTPS, and its readiness is probed over TLS with that context.
     """
 
     def __init__(
@@ -72,10 +75,12 @@ class LocalProcess:
         env: Mapping[str, str],
         log_path: Path,
         name: str | None = None,
+        probe_context: ssl.SSLContext | None = None,
     ) -> None:
         self.args = list(args)
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if probe_context else 'http'}://127.0.0.1:{port}"
+        self._probe_context = probe_context
         self.name = name or " ".join(self.args)
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
@@ -94,7 +99,7 @@ class LocalProcess:
                 [sys.executable, *self.args], cwd=PROJECT_ROOT, env=self._env, stdout=log, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        with httpx.Client(timeout=2.0) as http:
+        with httpx.Client(timeout=2.0, verify=self._probe_context or True) as http:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
@@ -217,10 +222,34 @@ def service_process(database_url: str, log_dir: Path, *, name: str = "service", 
     )
 
 
+@dataclass(frozen=True)
+class AgentTls:
+    """How an agent serves HTTPS: its `--tls-cert`, `--tls-key` and `--client-ca`, and how to probe it."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None
+    probe_context: ssl.SSLContext
+    """Trusts the agent's certificate, and shows a client certificate the agent accepts when it requires one."""
+
+    def options(self) -> list[str]:
+        """The agent's command-line options for this."""
+        options = ["--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file)]
+        if self.client_ca_file is not None:
+            options += ["--client-ca", str(self.client_ca_file)]
+        return options
+
+
 def agent_process(
-    roots: Sequence[Path], log_dir: Path, *, token: str | None = None, options: Sequence[str] = ()
+    roots: Sequence[Path],
+    log_dir: Path,
+    *,
+    token: str | None = None,
+    tls: AgentTls | None = None,
+    options: Sequence[str] = (),
 ) -> LocalProcess:
-    """The shipped agent, confined to `roots`, on a free port; `options` are further options of `app agent`."""
+    """The shipped agent, confined to `roots`, on a free port; over HTTPS (and mutual TLS) as `tls` says;
+    `options` are further options of `app agent`."""
     port = free_port()
     return LocalProcess(
         [
@@ -230,6 +259,7 @@ def agent_process(
             *(option for root in roots for option in ("--root", str(root))),
             "--port",
             str(port),
+            *(tls.options() if tls else []),
             *options,
         ],
         port=port,
@@ -237,6 +267,7 @@ def agent_process(
         env={"AGENT_TOKEN": token} if token else {},
         log_path=log_dir / f"agent-{port}.log",
         name=f"agent-{port}",
+        probe_context=tls.probe_context if tls else None,
     )
 
 

@@ -1,6 +1,7 @@
 """Test helpers that run aiohttp applications (the shipped agent or hand-made peers) on loopback."""
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,8 +17,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @asynccontextmanager
-async def running_app(app: web.Application) -> AsyncIterator[str]:
-    """Serve `app` on a free 127.0.0.1 port for the duration of the block; yields its base URL.
+async def running_app(app: web.Application, *, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+    """Serve `app` on a free 127.0.0.1 port for the duration of the block (HTTPS with `ssl_context`); its base URL.
 
     A handler whose client went away is cancelled, and shutdown waits at most a second for
     the rest, so that a test which left a slow request behind does not stall the suite.
@@ -25,10 +26,10 @@ async def running_app(app: web.Application) -> AsyncIterator[str]:
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         port = runner.addresses[0][1]
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
 

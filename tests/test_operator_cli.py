@@ -18,6 +18,7 @@ from tests.agent_helpers import running_agent
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 
 API_TOKEN = f"cli-api-token-{uuid.uuid4().hex}"
+API_READ_TOKEN = f"cli-read-token-{uuid.uuid4().hex}"
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def service(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         database_url,
         tmp_path_factory.mktemp("cli-service"),
         API_TOKEN=API_TOKEN,
+        API_READ_TOKEN=API_READ_TOKEN,
         AGENT_TIMEOUT_SECONDS="2",
         ORPHAN_RETRY_SECONDS="0.5",
         ORPHAN_RETRY_MAX_SECONDS="1",
@@ -174,6 +176,34 @@ async def test_refused_calls_exit_1_with_the_services_reason(service: LocalProce
     unreachable = await run_cli("orphans", url=closed_port_url())
     assert unreachable.exit_code == EXIT_FAILED
     assert "cannot reach the service" in unreachable.stderr
+
+
+async def test_the_read_commands_work_with_the_read_token(
+    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    vm, hosts, files = await seed_vm(api, {closed_port_url(): tmp_path})
+    (host,) = hosts.values()
+    job = await remove_tpm(api, vm)
+
+    jobs = await run_cli("jobs", "--vm", vm, "--json", url=service.url, token=API_READ_TOKEN)
+    assert jobs.exit_code == 0, jobs.output
+    assert [listed["id"] for listed in json.loads(jobs.stdout)] == [job["id"]]
+    orphans = await run_cli("orphans", "--host", host, "--json", url=service.url, token=API_READ_TOKEN)
+    assert orphans.exit_code == 0, orphans.output
+    assert sorted(o["path"] for o in json.loads(orphans.stdout)) == sorted(str(f) for f in files)
+
+
+async def test_remove_with_the_read_token_is_refused_with_a_clear_message(
+    service: LocalProcess, api: httpx.AsyncClient
+) -> None:
+    vm = await put_vm(api)
+    refused = await run_cli("remove", vm, "--wait", url=service.url, token=API_READ_TOKEN)
+
+    assert refused.exit_code == EXIT_FAILED
+    assert "403" in refused.stderr and "may only read" in refused.stderr and "API_TOKEN" in refused.stderr
+    assert API_READ_TOKEN not in refused.output
+    assert (await api.get(f"/vms/{vm}/tpm")).status_code == 200
+    assert (await api.get("/jobs", params={"vm_uuid": vm})).json() == []
 
 
 async def test_the_service_process_logs_json_lines_with_request_ids_and_never_the_token(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from app.agent.secrets import DEFAULT_LIBVIRT_URI, Libvirt
 from app.agent.server import serve_agent
+from app.agent.tls import TlsFileError, add_tls_options, ssl_context_from_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_LIBVIRT_URI,
         help="libvirt connection that Secret files are undefined through (default: %(default)s)",
     )
+    add_tls_options(options)
     options.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="default: %(default)s")
     return options
 
@@ -53,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for root in options.roots:
         if not root.is_dir():
             parser().error(f"--root: {root} is not a directory")
+    try:
+        ssl_context = ssl_context_from_options(options)
+    except TlsFileError as error:
+        parser().error(str(error))
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with suppress(KeyboardInterrupt):
         asyncio.run(
@@ -62,5 +68,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 port=options.port,
                 token=options.token,
                 libvirt=Libvirt(uri=options.libvirt_uri),
+                ssl_context=ssl_context,
             )
         )

@@ -9,6 +9,7 @@ request naming even one refused path or secret deletes nothing.
 import asyncio
 import hmac
 import logging
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,26 +58,35 @@ async def serve_agent(
     port: int = 8100,
     token: str | None = None,
     libvirt: Libvirt | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Run the agent on host:port until cancelled, then shut it down cleanly."""
+    """Run the agent on host:port (HTTPS only with `ssl_context`, see app/agent/tls.py) until cancelled."""
     app = create_agent_app(*roots, token=token, libvirt=libvirt)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         for address in runner.addresses:
             logger.info(
-                "agent listening host=%s port=%s roots=%s libvirt_uri=%s auth=%s",
+                "agent listening host=%s port=%s roots=%s libvirt_uri=%s auth=%s tls=%s",
                 address[0],
                 address[1],
                 ",".join(str(root) for root in app[_ROOTS_KEY]),
                 app[_LIBVIRT_KEY].uri,
                 "token" if token is not None else "none",
+                _tls_mode(ssl_context),
             )
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+
+
+def _tls_mode(ssl_context: ssl.SSLContext | None) -> str:
+    """How the agent serves, for its start-up log line: "off", "server" or "mutual"."""
+    if ssl_context is None:
+        return "off"
+    return "mutual" if ssl_context.verify_mode == ssl.CERT_REQUIRED else "server"
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -43,7 +43,10 @@ UrlOption = Annotated[str, typer.Option("--url", envvar="VTPM_URL", help="Base U
 TokenOption = Annotated[
     str | None,
     typer.Option(
-        "--token", envvar="API_TOKEN", help="The service's API token, when it requires one", show_default=False
+        "--token",
+        envvar="API_TOKEN",
+        help="The service's API_TOKEN, when it requires one (API_READ_TOKEN does for jobs and orphans)",
+        show_default=False,
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables")]
@@ -84,6 +87,9 @@ def call(client: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Re
         raise ServiceCallError(f"cannot reach the service at {client.base_url}: {error!r}", transient=True) from error
     if answer.status_code >= 400:
         message = f"{method} {url}: {answer.status_code} {_problem_detail(answer)}"
+        if answer.status_code == 403:
+            # The service's one 403: a read-only token (API_READ_TOKEN) on a call that writes.
+            message += "; the token given may only read: pass the service's API_TOKEN (--token or $API_TOKEN)"
         raise ServiceCallError(message, transient=answer.status_code == 503)
     return answer
 

@@ -1,25 +1,37 @@
 """Client for the host-agent protocol: asks one host's agent to delete a VM's files.
 
-Every way a host can misbehave (refuse, err, hang, drop the connection, answer nonsense) comes back
-as a `HostDeleteResult` with `ok=False` and a short reason, never as an exception, because the
+Every way a host can misbehave (refuse, err, hang, drop the connection, answer nonsense, fail TLS) comes
+back as a `HostDeleteResult` with `ok=False` and a short reason, never as an exception, because the
 removal job treats a failed host as data (its files become orphans), not as a crash.
 """
 
 import asyncio
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 from pydantic import ValidationError
 
-from app.protocol import DELETE_ANSWER, DELETE_PATH, DeleteFailed, DeleteRequest, FileToDelete, describe_invalid
+from app.protocol import (
+    DELETE_ANSWER,
+    DELETE_PATH,
+    HEALTH_PATH,
+    DeleteFailed,
+    DeleteRequest,
+    FileToDelete,
+    describe_file_error,
+    describe_invalid,
+)
 from app.service.metrics import AGENT_CALL_DURATION, AGENT_CALLS_TOTAL
 
-__all__ = ["AgentClient", "FileToDelete", "HostDeleteResult", "agent_session"]
+__all__ = ["AgentClient", "AgentTlsError", "FileToDelete", "HostDeleteResult", "agent_session", "agent_ssl_context"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +72,41 @@ class _CallFailed(Exception):
         self.reason = reason
 
 
-def agent_session(concurrency: int) -> aiohttp.ClientSession:
-    """The one HTTP session a process calls agents through: `concurrency` connections, kept alive between calls."""
+class AgentTlsError(Exception):
+    """A TLS file of the settings (AGENT_CA_FILE, AGENT_CERT_FILE, AGENT_KEY_FILE) that cannot be used."""
+
+
+def agent_ssl_context(
+    ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """The TLS context of every `https://` agent call: agents verified against `ca_file` (unset: the system's CAs),
+    and, with `cert_file`, the client certificate the service presents (mutual TLS); AgentTlsError says what is wrong.
+
+    `key_file` may be left out when `cert_file` holds the key too.
+    """
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as error:
+        raise AgentTlsError(f"AGENT_CA_FILE {ca_file}: {describe_file_error(error)}") from None
+    if key_file is not None and cert_file is None:
+        raise AgentTlsError("AGENT_KEY_FILE is set but AGENT_CERT_FILE is not")
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as error:
+            files = f"AGENT_CERT_FILE {cert_file}" + (f" / AGENT_KEY_FILE {key_file}" if key_file else "")
+            raise AgentTlsError(f"{files}: {describe_file_error(error)}") from None
+    return context
+
+
+def agent_session(concurrency: int, ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
+    """The one HTTP session a process calls agents through: `concurrency` connections, kept alive between calls.
+
+    Keep-alive matters most over TLS: a handshake costs far more than a delete call, so each connection's
+    handshake is paid once, not per call.
+    """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
+        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, ssl=ssl_context),
         # Agent calls are bounded by AgentClient; a timer of the session's own for every call (its default is
         # 5 minutes) would bound nothing more and cost each call another timer.
         timeout=aiohttp.ClientTimeout(total=None),
@@ -89,6 +132,22 @@ class AgentClient:
         self._timeout_seconds = timeout_seconds
         self._slots = asyncio.Semaphore(concurrency)
         self._token = token
+        self._seen_agent_urls: set[str] = set()
+
+    def warn_if_plain_http(self, agent_url: str) -> None:
+        """Log, once per agent URL and so once per host, that an agent is called over plain HTTP.
+
+        Called at start for every known host, and by the first call to a host added since.
+        """
+        if agent_url in self._seen_agent_urls:
+            return
+        self._seen_agent_urls.add(agent_url)
+        if urlsplit(agent_url).scheme == "http":
+            logger.warning(
+                "agent is called over plain HTTP agent_url=%s: the agent is not authenticated and its token and "
+                "requests can be read on the network (README: Running agents over mutual TLS)",
+                agent_url,
+            )
 
     async def delete_files(self, agent_url: str, vm_uuid: uuid.UUID, files: Sequence[FileToDelete]) -> HostDeleteResult:
         """Ask the agent at `agent_url` to delete `files` of `vm_uuid`; never raises but on cancellation.
@@ -98,6 +157,7 @@ class AgentClient:
         A call that cannot even connect counts as "unreachable"; once connected, anything short of
         a complete, confirming answer counts as "failed" (or "timeout").
         """
+        self.warn_if_plain_http(agent_url)
         url = agent_url.rstrip("/") + DELETE_PATH
         body = DeleteRequest(vm_uuid=vm_uuid, files=list(files)).model_dump_json().encode()
         requested = [f.path for f in files]
@@ -142,10 +202,18 @@ class AgentClient:
                 raw = await _read_limited(response, limit)
         except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
             raise _CallFailed("unreachable", f"invalid agent URL: {exc}") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise _CallFailed("unreachable", _tls_reason(exc.certificate_error)) from exc
+        except aiohttp.ClientConnectorSSLError as exc:
+            raise _CallFailed("unreachable", _tls_reason(exc.os_error)) from exc
         except aiohttp.ClientConnectorError as exc:
             raise _CallFailed("unreachable", _connect_error_reason(exc)) from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise _CallFailed("failed", "connection closed by agent before answering") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if urlsplit(url).scheme == "https" and await self._refuses_new_connections(url):
+                raise _CallFailed("unreachable", _CLIENT_CERTIFICATE_REFUSED) from exc
+            if isinstance(exc, aiohttp.ServerDisconnectedError):
+                raise _CallFailed("failed", "connection closed by agent before answering") from exc
+            raise _CallFailed("failed", f"connection error: {_describe(exc)}") from exc
         except aiohttp.ClientPayloadError as exc:
             raise _CallFailed("failed", "answer cut short (connection closed mid-body)") from exc
         except TimeoutError:
@@ -154,6 +222,26 @@ class AgentClient:
         except (aiohttp.ClientError, OSError) as exc:
             raise _CallFailed("failed", f"connection error: {_describe(exc)}") from exc
         return raw
+
+    async def _refuses_new_connections(self, url: str) -> bool:
+        """Whether the agent at `url` closes a new connection as soon as the TLS handshake is done.
+
+        That is how a TLS 1.3 agent refuses our client certificate (or its absence): the client's side of the
+        handshake is over before the agent checks the certificate, and the agent then closes the connection
+        without a word. A disconnect alone could also be an agent going away, so it is told apart by asking the
+        agent's health check on a connection of its own; this costs a call only on this failure path.
+        """
+        probe = url.removesuffix(DELETE_PATH) + HEALTH_PATH
+        try:
+            async with self._session.get(probe, headers={"Connection": "close"}, allow_redirects=False) as response:
+                await response.read()
+        except aiohttp.ClientConnectorError:
+            return False
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            return True
+        except (aiohttp.ClientError, OSError):
+            return False
+        return False
 
 
 async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -206,6 +294,20 @@ def _interpret_answer(raw: bytes, requested: Sequence[str]) -> HostDeleteResult:
 def _failure(reason: str) -> HostDeleteResult:
     """Build the result of a failed call."""
     return HostDeleteResult(ok=False, deleted=[], missing=[], error=reason)
+
+
+# What a failed call says when the agent closes every new connection right after the TLS handshake.
+_CLIENT_CERTIFICATE_REFUSED = "TLS: client certificate refused (the agent closes the connection after the handshake)"
+
+
+def _tls_reason(error: BaseException) -> str:
+    """Describe a failed TLS handshake as "TLS: ...", e.g. "TLS: certificate verify failed: IP address mismatch"."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS: certificate verify failed: {error.verify_message}"
+    if isinstance(error, ssl.SSLError) and error.reason:
+        # OpenSSL's reason code, e.g. WRONG_VERSION_NUMBER for an agent that speaks plain HTTP.
+        return f"TLS: {error.reason.lower().replace('_', ' ')}"
+    return f"TLS: {_describe(error)}"
 
 
 def _connect_error_reason(exc: aiohttp.ClientConnectorError) -> str:

@@ -35,10 +35,15 @@ def serve(
     settings = get_settings()
     configure_logging(settings.log_level)
     database_url = resolve_database_url(settings)
-    upgrade(database_url)
+    from app.service.agent_client import AgentTlsError
     from app.service.main import create_app
 
-    app = create_app(settings, database_url=database_url)
+    try:
+        app = create_app(settings, database_url=database_url)
+    except AgentTlsError as error:
+        log.error("cannot start: %s", error)
+        raise typer.Exit(1) from None
+    upgrade(database_url)
     tune_garbage_collector()
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler that was
     # there before it; with the default one the process would die by the signal (exit -15) after a

@@ -7,8 +7,9 @@ from contextlib import asynccontextmanager, suppress
 from functools import partial
 
 from fastapi import APIRouter, Depends, FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.service.agent_client import AgentClient, agent_session
+from app.service.agent_client import AgentClient, agent_session, agent_ssl_context
 from app.service.api import health, hosts, jobs, orphans, tpm, vms
 from app.service.api.deps import require_token
 from app.service.api.docs import add_offline_docs
@@ -20,9 +21,11 @@ from app.service.db.engine import (
     asyncpg_dsn,
     create_engine,
     create_session_factory,
+    is_database_unavailable,
     resolve_database_url,
 )
 from app.service.db.notify import Notifications
+from app.service.inventory.service import list_agent_urls
 from app.service.jobs.worker import Worker
 from app.service.metrics import HttpMetrics
 from app.service.orphans.reaper import OrphanReaper
@@ -68,7 +71,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # makes every earlier worker commit durable too.
     worker_engine = new_engine(synchronous_commit=False)
     sessions = create_session_factory(engine)
-    http = agent_session(settings.agent_concurrency)
+    http = agent_session(settings.agent_concurrency, app.state.agent_ssl_context)
     agent = AgentClient(
         http,
         timeout_seconds=settings.agent_timeout_seconds,
@@ -102,6 +105,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if app.state.run_worker:
         worker.start()
     try:
+        await warn_about_plain_http_agents(sessions, agent)
         yield
     finally:
         if app.state.run_worker:
@@ -117,6 +121,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await worker_engine.dispose()
 
 
+async def warn_about_plain_http_agents(sessions: async_sessionmaker[AsyncSession], agent: AgentClient) -> None:
+    """Log at start, once per known host, that its agent is called over plain HTTP (a host added later: at its
+    first call)."""
+    try:
+        async with sessions() as session:
+            agent_urls = await list_agent_urls(session)
+    except Exception as error:
+        if not is_database_unavailable(error):
+            raise
+        log.warning("the hosts could not be read at start: each plain-HTTP agent is warned about at its first call")
+        return
+    for agent_url in agent_urls:
+        agent.warn_if_plain_http(agent_url)
+
+
 def create_app(
     settings: Settings | None = None, *, database_url: str | None = None, run_worker: bool = True
 ) -> FastAPI:
@@ -130,7 +149,8 @@ def create_app(
             "binding in one transaction. Host deletes are best-effort: a host that fails is reported in "
             "the job and its files become orphan files, retried until the host confirms.\n\n"
             "Every error is `application/problem+json` (RFC 9457). When `API_TOKEN` is set, every endpoint "
-            "but health, metrics and the docs needs `Authorization: Bearer <token>` (use Authorize)."
+            "but health, metrics and the docs needs `Authorization: Bearer <token>` (use Authorize): "
+            "`API_TOKEN`, or `API_READ_TOKEN` for GET calls only."
         ),
         lifespan=lifespan,
         generate_unique_id_function=operation_id,
@@ -138,7 +158,11 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings = settings or get_settings()
+    # Built here, before the server starts, so that a bad TLS file stops `serve` with its one-line AgentTlsError.
+    app.state.agent_ssl_context = agent_ssl_context(
+        settings.agent_ca_file, settings.agent_cert_file, settings.agent_key_file
+    )
     app.state.database_url = database_url
     app.state.run_worker = run_worker
     app.state.stopping = asyncio.Event()
@@ -148,7 +172,7 @@ def create_app(
     add_request_ids(app)
     app.include_router(health.router)
     add_offline_docs(app)
-    protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 503))
+    protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 403, 503))
     for module in (hosts, vms, tpm, jobs, orphans):
         protected.include_router(module.router)
     app.include_router(protected)

@@ -2,22 +2,32 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """The service's configuration; each field is the environment variable of the same name, upper-cased."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+    # Errors name the variable but never echo the values: they may be tokens.
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", hide_input_in_errors=True)
 
     database_url: str | None = Field(
         default=None,
         description="postgresql+asyncpg:// URL; unset starts an embedded PostgreSQL under data_dir",
     )
     api_token: SecretStr | None = None
+    # A second bearer token that may make GET (and HEAD) calls only: for dashboards and the CLI's read commands.
+    api_read_token: SecretStr | None = None
     agent_token: SecretStr | None = None
+    # PEM files of the TLS to `https://` agents, loaded once at start (app/service/agent_client.py):
+    # the CAs that agents' certificates are verified against (unset: the system's), and the client
+    # certificate and key the service presents to them (mutual TLS; unset: none).
+    agent_ca_file: Path | None = None
+    agent_cert_file: Path | None = None
+    agent_key_file: Path | None = None
     agent_timeout_seconds: float = Field(default=10.0, gt=0)
     agent_concurrency: int = Field(default=64, ge=1)
     orphan_retry_seconds: float = Field(default=30.0, gt=0)
@@ -38,6 +48,13 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=20, ge=1)
     data_dir: Path = Path(".data")
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _read_token_differs(self) -> Self:
+        # The same value for both would make the read-only token a full one, without anyone noticing.
+        if self.api_read_token is not None and self.api_read_token == self.api_token:
+            raise ValueError("API_READ_TOKEN must differ from API_TOKEN")
+        return self
 
 
 @lru_cache

@@ -1,4 +1,4 @@
-"""Dependencies of the routes: the database session, the settings, and the bearer-token check."""
+"""Dependencies of the routes: the database session, the settings, and the bearer-token checks."""
 
 import hmac
 from collections.abc import AsyncIterator
@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app.service.pagination import DEFAULT_LIMIT, MAX_LIMIT, TIME_UUID_CURSOR_PATTERN, UUID_CURSOR_PATTERN
@@ -36,26 +37,49 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _bearer = HTTPBearer(
     auto_error=False,
-    description="The service's API_TOKEN, when it is set (click Authorize and paste the token).",
+    description=(
+        "Either token, when they are set (click Authorize and paste one): API_TOKEN for every call, or "
+        "API_READ_TOKEN for GET calls only (any other call with it answers 403)."
+    ),
 )
+
+# What API_READ_TOKEN may do: read. HEAD is a GET without its body.
+READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 async def require_token(
+    request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """Refuse the request with 401 unless it carries `Authorization: Bearer <API_TOKEN>` (when set)."""
-    if settings.api_token is None:
+    """Let a request through with `Authorization: Bearer <API_TOKEN>`, or with API_READ_TOKEN if it only reads.
+
+    Anything else gets 401 while API_TOKEN is set; a call with API_READ_TOKEN that would change something gets 403
+    before any of it runs, whether or not API_TOKEN is set.
+    """
+    given = credentials.credentials if credentials is not None and credentials.scheme.lower() == "bearer" else None
+    if _is_token(given, settings.api_read_token):
+        if request.method not in READ_METHODS:
+            raise HTTPException(
+                status_code=403,
+                detail=f"this token is API_READ_TOKEN, which may make GET calls only; {request.method} needs API_TOKEN",
+            )
         return
-    expected = settings.api_token.get_secret_value().encode()
-    given = credentials.credentials.encode() if credentials is not None else b""
+    if settings.api_token is None or _is_token(given, settings.api_token):
+        return
+    raise HTTPException(
+        status_code=401,
+        detail="a valid 'Authorization: Bearer <token>' header is required",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _is_token(given: str | None, token: SecretStr | None) -> bool:
+    """Whether the bearer token given is `token` (a setting that may be unset)."""
+    if given is None or token is None:
+        return False
     # Constant time, so the token cannot be guessed byte by byte from response times.
-    if credentials is None or credentials.scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
-        raise HTTPException(
-            status_code=401,
-            detail="a valid 'Authorization: Bearer <token>' header is required",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    return hmac.compare_digest(given.encode(), token.get_secret_value().encode())
 
 
 LimitQuery = Annotated[

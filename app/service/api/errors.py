@@ -111,7 +111,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 # What the answers that many routes share mean, for readers of the schema.
 _PROBLEM_DESCRIPTIONS = {
-    401: "API_TOKEN is set and the request lacks `Authorization: Bearer <API_TOKEN>`",
+    401: "API_TOKEN is set and the request carries neither `Authorization: Bearer <API_TOKEN>` nor, for a GET, "
+    "API_READ_TOKEN",
+    403: "The request carries API_READ_TOKEN, which may make GET calls only",
     413: "The request body is larger than 1 MiB",
     503: "The database cannot be reached; try again after `Retry-After` seconds",
 }

@@ -44,6 +44,11 @@ async def get_host(session: AsyncSession, host_uuid: UUID) -> Host:
     return host
 
 
+async def list_agent_urls(session: AsyncSession) -> list[str]:
+    """The agent URL of every known host, each once."""
+    return list(await session.scalars(select(Host.agent_url).distinct()))
+
+
 async def put_vm(session: AsyncSession, vm_uuid: UUID, body: VmIn) -> tuple[Vm, bool]:
     """Create or replace a VM; the flag tells whether it was created."""
     return await _put(session, Vm, vm_uuid, body.model_dump())
