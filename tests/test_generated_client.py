@@ -122,8 +122,8 @@ def test_a_generated_client_removes_a_tpm_and_reads_a_404_as_a_problem(
         file = generated("api.inventory.host_files_create").sync(
             vm_uuid,
             client=client,
-            body=models.HostFileIn(
-                host_uuid=host_uuid, path=f"/var/lib/libvirt/swtpm/{vm_uuid}", type_=models.HostFileInType.TPMSTATE
+            body=models.PathFileIn(
+                host_uuid=host_uuid, path=f"/var/lib/libvirt/swtpm/{vm_uuid}", type_=models.PathFileInType.TPMSTATE
             ),
         )
         assert isinstance(file, models.HostFileOut) and file.host_uuid == host_uuid
