@@ -14,7 +14,7 @@ from app.service.db.engine import driver_connection, recorded_statements
 from app.service.errors import LeaseLostError
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim, claim_jobs
-from app.service.removal.run import Removal
+from app.service.removal.run import TPM_REMOVAL, Removal
 from tests.agent_helpers import running_recording_agent
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
 
@@ -26,7 +26,7 @@ def sessions_of(client: httpx.AsyncClient) -> async_sessionmaker[AsyncSession]:
 
 
 def removal_of(client: httpx.AsyncClient) -> Removal:
-    return Removal(client.app.state.engine, client.app.state.agent, orphan_retry_seconds=60)  # type: ignore[attr-defined]
+    return Removal(client.app.state.engine, client.app.state.agent, scope=TPM_REMOVAL, orphan_retry_seconds=60)  # type: ignore[attr-defined]
 
 
 async def claim(client: httpx.AsyncClient, job_id: str) -> JobClaim:

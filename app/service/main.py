@@ -25,7 +25,7 @@ from app.service.db.notify import Notifications
 from app.service.jobs.worker import Worker
 from app.service.metrics import HttpMetrics
 from app.service.orphans.reaper import OrphanReaper
-from app.service.removal.run import Removal
+from app.service.removal.run import TPM_REMOVAL, VM_DELETION, Removal
 from app.service.request_id import add_request_ids
 from app.service.settings import Settings, get_settings
 
@@ -76,9 +76,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     notifications = Notifications(asyncpg_dsn(database_url))
     listener = asyncio.create_task(notifications.run(), name="listen")
+    removal = partial(Removal, worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds)
     worker = Worker(
         worker_engine,
-        {"remove-tpm": Removal(worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds).run},
+        {"remove-tpm": removal(scope=TPM_REMOVAL).run, "delete-vm": removal(scope=VM_DELETION).run},
         OrphanReaper(
             create_session_factory(worker_engine),
             agent,

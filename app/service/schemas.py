@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StrictBool
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PrivateAttr, StrictBool
 
 from app.protocol import MAX_PATH_BYTES, FileType
 
@@ -151,12 +151,12 @@ class JobHostOut(BaseModel):
 
 
 class JobOut(BaseModel):
-    """A removal job."""
+    """A job that removes a VM's TPM (`remove-tpm`) or deletes the VM (`delete-vm`)."""
 
     id: UUID
-    type: Literal["remove-tpm"]
+    type: Literal["remove-tpm", "delete-vm"]
     vm_uuid: UUID
-    tpm_uuid: UUID
+    tpm_uuid: UUID | None = Field(description="The TPM the job removes; null for a delete-vm job of a VM without one")
     state: JobState
     created_at: UtcTime
     started_at: UtcTime | None
@@ -164,6 +164,17 @@ class JobOut(BaseModel):
     hosts: list[JobHostOut]
     orphan_files: int
     error: str | None
+    # Not part of the body: the answer's Retry-After header.
+    _retry_after: int | None = PrivateAttr(default=None)
+
+    @property
+    def retry_after(self) -> int | None:
+        """When to look at the job again, in whole seconds (`Retry-After`); None once it has ended."""
+        return self._retry_after
+
+    @retry_after.setter
+    def retry_after(self, seconds: int | None) -> None:
+        self._retry_after = seconds
 
 
 class OrphanFileOut(BaseModel):
