@@ -26,8 +26,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # The old code runs no delete-vm job, and the old schema holds no job whose VM is gone (a deleted VM's TPM
-    # removals): those jobs go, with their host outcomes and planned files. Their orphan files and confirmations stay, as they
-    # refer to no job by a key.
+    # removals): those jobs go, with their host outcomes and planned files. Their orphan files and confirmations
+    # stay, as they refer to no job by a key.
     op.execute(
         "DELETE FROM jobs WHERE type <> 'remove-tpm' OR NOT EXISTS (SELECT 1 FROM vms WHERE vms.uuid = jobs.vm_uuid)"
     )
