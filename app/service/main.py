@@ -128,7 +128,8 @@ def create_app(
             "Removes a VM's virtual TPM: deletes its state files (and NVRAM unless the VM uses secure "
             "boot) on every KVM host that holds them, then the database records and the TPM's key-provider "
             "binding in one transaction. Host deletes are best-effort: a host that fails is reported in "
-            "the job and its files become orphan files, retried until the host confirms.\n\n"
+            "the job and its files become orphan files, retried until the host confirms. Deleting a VM runs the "
+            "same way over every file of the VM, and also deletes the VM.\n\n"
             "Every error is `application/problem+json` (RFC 9457). When `API_TOKEN` is set, every endpoint "
             "but health, metrics and the docs needs `Authorization: Bearer <token>` (use Authorize)."
         ),
