@@ -180,7 +180,8 @@ async def test_delete_of_a_vm_whose_tpm_removal_is_under_way_is_409_naming_that_
 async def test_concurrent_deletes_in_two_replicas_share_one_job_and_call_each_host_once(
     make_client: AppFactory, tmp_path: Path
 ) -> None:
-    replicas = [await make_client(), await make_client()]
+    # The held call must not time out (and end the job) before every DELETE is answered, however slow the machine.
+    replicas = [await make_client(agent_timeout_seconds=60), await make_client(agent_timeout_seconds=60)]
     vm = await put_vm(replicas[0])
     async with running_recording_agent(tmp_path) as (url, agent):
         host = await put_host(replicas[0], url)

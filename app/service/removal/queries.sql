@@ -35,10 +35,9 @@ RETURNING *
 -- removal_state --
 -- Why no job was inserted: no VM, a job under way (and of which type), or no TPM.
 SELECT (SELECT uuid FROM vms WHERE uuid = :vm_uuid) AS vm,
-       active.id AS active_job, active.type AS active_type,
+       (SELECT id FROM jobs WHERE vm_uuid = :vm_uuid AND state IN ('queued', 'running')) AS active_job,
+       (SELECT type FROM jobs WHERE vm_uuid = :vm_uuid AND state IN ('queued', 'running')) AS active_type,
        (SELECT uuid FROM tpms WHERE vm_uuid = :vm_uuid) AS tpm
-FROM (SELECT 1) AS one
-LEFT JOIN (SELECT id, type FROM jobs WHERE vm_uuid = :vm_uuid AND state IN ('queued', 'running')) AS active ON true
 
 -- files_removed_with_tpm --
 -- What a removal of the VM's TPM would delete, as `GET /vms/{uuid}/tpm` previews it.
@@ -50,8 +49,9 @@ ORDER BY host_files.host_uuid, host_files.path
 
 -- plan --
 -- Fence, then once per job (a resumed job keeps its own plan) copy its files (every one with :every_file, else
--- those that go with the TPM) and count them per host, and answer the files of the hosts still pending. `before` is the job row as the statement found it: whether it was
--- planned already. A job with nothing (left) to delete answers one row of NULLs, so that its fence still shows.
+-- those that go with the TPM) and count them per host, and answer the files of the hosts still pending. `before`
+-- is the job row as the statement found it: whether it was planned already. A job with nothing (left) to delete
+-- answers one row of NULLs, so that its fence still shows.
 WITH job AS (
     UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second', planned = true
     FROM jobs AS before
