@@ -19,7 +19,7 @@ from app.service.db.engine import create_engine, driver_connection, recorded_sta
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import claim_jobs
 from app.service.removal.request import request_removal
-from app.service.removal.run import Removal
+from app.service.removal.run import TPM_REMOVAL, Removal
 from bench.seed import FileSpec, Seeder
 
 _LEASE_SECONDS = 30.0
@@ -66,7 +66,7 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
 
     async with aiohttp.ClientSession() as http:
         agent = AgentClient(http, timeout_seconds=10, concurrency=64)
-        removal = Removal(engine, agent, orphan_retry_seconds=30)
+        removal = Removal(engine, agent, scope=TPM_REMOVAL, orphan_retry_seconds=30)
         try:
             for layout in layouts:
                 (vm_uuid,) = await seeder.vms([layout])

@@ -14,7 +14,7 @@ from app.service.db.engine import driver_connection, recorded_statements
 from app.service.errors import LeaseLostError
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim, claim_jobs
-from app.service.removal.run import Removal
+from app.service.removal.run import TPM_REMOVAL, VM_DELETION, Removal, RemovalScope
 from tests.agent_helpers import running_recording_agent
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
 
@@ -25,8 +25,12 @@ def sessions_of(client: httpx.AsyncClient) -> async_sessionmaker[AsyncSession]:
     return client.app.state.sessions  # type: ignore[attr-defined,no-any-return]
 
 
-def removal_of(client: httpx.AsyncClient) -> Removal:
-    return Removal(client.app.state.engine, client.app.state.agent, orphan_retry_seconds=60)  # type: ignore[attr-defined]
+# How each job type is asked for, and the scope its handler runs with (app/service/main.py).
+JOB_TYPES = {"remove-tpm": ("/vms/{vm}/tpm", TPM_REMOVAL), "delete-vm": ("/vms/{vm}", VM_DELETION)}
+
+
+def removal_of(client: httpx.AsyncClient, scope: RemovalScope = TPM_REMOVAL) -> Removal:
+    return Removal(client.app.state.engine, client.app.state.agent, scope=scope, orphan_retry_seconds=60)  # type: ignore[attr-defined]
 
 
 async def claim(client: httpx.AsyncClient, job_id: str) -> JobClaim:
@@ -116,26 +120,29 @@ async def test_cleanup_that_keeps_failing_marks_the_job_failed_and_keeps_the_tpm
     assert (await remove_tpm(client, vm))["state"] == "succeeded"
 
 
+@pytest.mark.parametrize("job_type", JOB_TYPES)
 @pytest.mark.parametrize("files", [1, 200])
 async def test_cleanup_runs_the_same_number_of_statements_for_any_number_of_files(
-    make_client: Any, tmp_path: Path, files: int
+    make_client: Any, tmp_path: Path, files: int, job_type: str
 ) -> None:
+    request_path, scope = JOB_TYPES[job_type]
     client = await make_client(run_worker=False)
     vm = await put_vm(client)
     async with running_recording_agent(tmp_path) as (url, _):
         hosts = [await put_host(client, url) for _ in range(min(files, 20))]
         for i, path in enumerate(make_files(tmp_path, vm, *(f"f{i}" for i in range(files)))):
             await add_file(client, vm, hosts[i % len(hosts)], path)
-        job_id = (await client.delete(f"/vms/{vm}/tpm")).json()["id"]
+        job_id = (await client.delete(request_path.format(vm=vm))).json()["id"]
         job = await claim(client, job_id)
-        removal, lease = removal_of(client), LeaseClock(LEASE)
+        removal, lease = removal_of(client, scope), LeaseClock(LEASE)
         last_outcomes = await removal.delete_on_hosts(job, lease, await removal.plan_removal(job, lease))
 
         async with recorded_statements(client.app.state.engine) as statements:  # type: ignore[attr-defined]
             await removal.commit_cleanup(job, lease, last_outcomes)
-    # Outcomes, orphans, confirmations, file records, key binding, TPM and job, fenced: one statement,
+    # Outcomes, orphans, confirmations, file records, key binding, TPM (and VM) and job, fenced: one statement,
     # however many files.
     assert len(statements) == 1, statements
+    assert ((await client.get(f"/vms/{vm}")).status_code == 200) == (job_type == "remove-tpm")
 
 
 async def test_api_commits_wait_for_the_disk_and_the_workers_do_not(client: httpx.AsyncClient) -> None:

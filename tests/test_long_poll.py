@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import text
 
 from tests.agent_helpers import running_agent
 from tests.conftest import AppFactory
@@ -115,3 +116,51 @@ async def test_waiting_polls_hold_no_database_connection(make_client: AppFactory
     assert not any(poll.done() for poll in polls)
     assert (await client.get(f"/jobs/{job['id']}")).status_code == 200
     assert [poll.status_code for poll in await asyncio.gather(*polls)] == [304] * 20
+
+
+async def test_answers_of_a_job_under_way_say_when_to_look_again_and_an_ended_one_does_not(
+    make_client: AppFactory,
+) -> None:
+    client = await make_client(run_worker=False)
+    vm = await put_vm(client)
+    accepted = await client.delete(f"/vms/{vm}/tpm")
+    job_id, etag = accepted.json()["id"], accepted.headers["ETag"]
+    assert accepted.status_code == 202 and accepted.headers["Retry-After"] == "1"
+
+    read = await client.get(f"/jobs/{job_id}")
+    unchanged = await client.get(f"/jobs/{job_id}", headers={"If-None-Match": etag})
+    polled = await client.get(f"/jobs/{job_id}", params={"wait": 0.2}, headers={"If-None-Match": etag})
+    assert (read.status_code, unchanged.status_code, polled.status_code) == (200, 304, 304)
+    assert read.headers["Retry-After"] == unchanged.headers["Retry-After"] == polled.headers["Retry-After"] == "1"
+
+    # Queued again after a failed cleanup, the job is not taken up before its backoff ends.
+    async with client.app.state.sessions() as session, session.begin():  # type: ignore[attr-defined]
+        await session.execute(
+            text("UPDATE jobs SET run_after = now() + interval '40 seconds' WHERE id = :j"), {"j": job_id}
+        )
+    assert 1 < int((await client.get(f"/jobs/{job_id}")).headers["Retry-After"]) <= 40
+
+    async with client.app.state.sessions() as session, session.begin():  # type: ignore[attr-defined]
+        await session.execute(
+            text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id = :j"), {"j": job_id}
+        )
+    ended = await client.get(f"/jobs/{job_id}")
+    assert ended.json()["state"] == "succeeded" and "Retry-After" not in ended.headers
+    ended_unchanged = await client.get(f"/jobs/{job_id}", headers={"If-None-Match": ended.headers["ETag"]})
+    assert ended_unchanged.status_code == 304 and "Retry-After" not in ended_unchanged.headers
+
+
+async def test_the_openapi_schema_documents_retry_after_on_the_202s_and_job_answers(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    answers = {
+        "DELETE /vms/{vm_uuid}/tpm 202": paths["/vms/{vm_uuid}/tpm"]["delete"]["responses"]["202"],
+        "DELETE /vms/{vm_uuid} 202": paths["/vms/{vm_uuid}"]["delete"]["responses"]["202"],
+        "GET /jobs/{job_id} 200": paths["/jobs/{job_id}"]["get"]["responses"]["200"],
+        "GET /jobs/{job_id} 304": paths["/jobs/{job_id}"]["get"]["responses"]["304"],
+    }
+    for name, answer in answers.items():
+        assert answer["headers"]["Retry-After"]["schema"] == {"type": "integer", "minimum": 1}, name
+    # The header is documented beside the job body, not instead of it.
+    assert answers["DELETE /vms/{vm_uuid} 202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/JobOut"
+    }

@@ -1,4 +1,4 @@
-"""The operator commands (`remove`, `jobs`, `orphans`) against a real `python -m app serve` process."""
+"""The operator commands (`remove`, `delete-vm`, `jobs`, `orphans`) against a real `python -m app serve` process."""
 
 import asyncio
 import json
@@ -67,40 +67,49 @@ async def seed_vm(api: httpx.AsyncClient, roots: dict[str, Path]) -> tuple[str, 
     return vm, hosts, files
 
 
+# The two commands that start a job and follow it, with the job type each starts and what its summary says it did.
+JOB_COMMANDS = {"remove": ("remove-tpm", "TPM removed"), "delete-vm": ("delete-vm", "VM deleted")}
+
+
 def closed_port_url() -> str:
     """The URL of an agent that is not running: its calls fail as unreachable."""
     return f"http://127.0.0.1:{free_port()}"
 
 
-async def test_remove_wait_json_follows_the_job_to_success(
-    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path
+@pytest.mark.parametrize("command", JOB_COMMANDS)
+async def test_wait_json_follows_the_job_to_success(
+    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path, command: str
 ) -> None:
     async with running_agent(tmp_path / "a") as a, running_agent(tmp_path / "b") as b:
         vm, hosts, files = await seed_vm(api, {a: tmp_path / "a", b: tmp_path / "b"})
-        result = await run_cli("remove", vm, "--wait", "--json", url=service.url)
+        result = await run_cli(command, vm, "--wait", "--json", url=service.url)
 
     assert result.exit_code == EXIT_SUCCEEDED, result.output
     job = json.loads(result.stdout)
     assert job["state"] == "succeeded" and job["vm_uuid"] == vm and job["orphan_files"] == 0
+    assert job["type"] == JOB_COMMANDS[command][0]
     assert sorted((h["host_uuid"], h["state"], h["files"]) for h in job["hosts"]) == sorted(
         (host, "deleted", 3) for host in hosts.values()
     )
     assert not [f for f in files if f.exists()]
     assert (await api.get(f"/vms/{vm}/tpm")).status_code == 404
+    assert (await api.get(f"/vms/{vm}")).status_code == (404 if command == "delete-vm" else 200)
 
 
-async def test_remove_wait_shows_each_host_outcome_as_it_lands(
-    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path
+@pytest.mark.parametrize("command", JOB_COMMANDS)
+async def test_wait_shows_each_host_outcome_as_it_lands(
+    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path, command: str
 ) -> None:
     async with running_agent(tmp_path, delay_seconds=1.0) as slow:
         vm, hosts, _ = await seed_vm(api, {slow: tmp_path, closed_port_url(): tmp_path / "gone"})
-        result = await run_cli("remove", vm, "--wait", url=service.url)
+        result = await run_cli(command, vm, "--wait", url=service.url)
 
     assert result.exit_code == EXIT_ORPHANS, result.output
     slow_host, dead_host = hosts.values()
     assert f"✓ host {slow_host}: 3 files deleted" in result.stdout
     assert f"✗ host {dead_host}: connection refused (3 files kept as orphans, retried)" in result.stdout
-    assert "succeeded" in result.stdout and "3 orphan files left for the service to retry" in result.stdout
+    assert f"succeeded: {JOB_COMMANDS[command][1]}, 1/2 hosts confirmed" in result.stdout
+    assert "3 orphan files left for the service to retry" in result.stdout
 
 
 async def test_orphans_lists_the_files_of_a_failed_host(
@@ -154,20 +163,22 @@ async def test_list_commands_follow_the_link_header_across_pages(service: LocalP
     assert [job["id"] for job in await asyncio.to_thread(fetch, 2)] == ids[::-1][:2]
 
 
-async def test_remove_without_wait_answers_once_the_job_is_accepted(
-    service: LocalProcess, api: httpx.AsyncClient
+@pytest.mark.parametrize("command", JOB_COMMANDS)
+async def test_without_wait_the_command_answers_once_the_job_is_accepted(
+    service: LocalProcess, api: httpx.AsyncClient, command: str
 ) -> None:
     vm = await put_vm(api)
-    result = await run_cli("remove", vm, "--json", url=service.url)
+    result = await run_cli(command, vm, "--json", url=service.url)
     assert result.exit_code == EXIT_SUCCEEDED, result.output
     job = json.loads(result.stdout)
-    assert job["vm_uuid"] == vm and job["type"] == "remove-tpm"
+    assert job["vm_uuid"] == vm and job["type"] == JOB_COMMANDS[command][0]
 
 
 async def test_refused_calls_exit_1_with_the_services_reason(service: LocalProcess) -> None:
-    unknown = await run_cli("remove", str(uuid.uuid4()), "--wait", url=service.url)
-    assert unknown.exit_code == EXIT_FAILED
-    assert "404" in unknown.stderr and "does not exist" in unknown.stderr
+    for command in JOB_COMMANDS:
+        unknown = await run_cli(command, str(uuid.uuid4()), "--wait", url=service.url)
+        assert unknown.exit_code == EXIT_FAILED, command
+        assert "404" in unknown.stderr and "does not exist" in unknown.stderr
 
     unauthorized = await run_cli("jobs", url=service.url, token="wrong-token")
     assert unauthorized.exit_code == EXIT_FAILED

@@ -1,4 +1,5 @@
-"""Operator commands that talk to a running service over HTTP: remove a TPM and follow it, list jobs and orphans.
+"""Operator commands that talk to a running service over HTTP: remove a TPM or delete a VM and follow the job, list
+jobs and orphans.
 
 They are registered on the same typer app as `serve` (see app/service/commands.py), reach the service at `--url`
 (env VTPM_URL) with `--token` (env API_TOKEN), and print rich tables and progress for people, or JSON
@@ -34,7 +35,15 @@ EXIT_FAILED = 1
 # Not 2: click already exits 2 for a usage error.
 EXIT_ORPHANS = 3
 
+EXIT_STATUS_HELP = (
+    "Exit status, with --wait: 0 the job succeeded and every host confirmed its deletes; 3 the job succeeded, but "
+    "some hosts failed: their files are orphans the service keeps retrying; 1 the job failed, or the service refused "
+    "the call or could not be reached. Without --wait: 0 once the job is accepted."
+)
+
 FINAL_STATES = frozenset({"succeeded", "failed"})
+# What a succeeded job of each type did, for its summary line.
+_DONE = {"remove-tpm": "TPM removed", "delete-vm": "VM deleted"}
 _STATE_STYLES = {"queued": "cyan", "running": "yellow", "succeeded": "green", "failed": "red", "deleted": "green"}
 
 Job = dict[str, Any]
@@ -118,7 +127,7 @@ def fetch_all(
 
 
 def exit_status(job: Job) -> int:
-    """The exit status that says how a finished job went (see `remove --help`)."""
+    """The exit status that says how a finished job went (EXIT_STATUS_HELP)."""
     if job["state"] != "succeeded":
         return EXIT_FAILED
     if job["orphan_files"] or any(host["state"] != "deleted" for host in job["hosts"]):
@@ -193,7 +202,7 @@ def _summary(job: Job) -> str:
     if job["state"] != "succeeded":
         return f"job {job['id']} {state}; follow it with --wait or GET /jobs/{job['id']}?wait=30"
     deleted = sum(host["state"] == "deleted" for host in job["hosts"])
-    line = f"job {job['id']} {state}: TPM removed, {deleted}/{len(job['hosts'])} hosts confirmed"
+    line = f"job {job['id']} {state}: {_DONE[job['type']]}, {deleted}/{len(job['hosts'])} hosts confirmed"
     if job["orphan_files"]:
         line += f", {job['orphan_files']} orphan files left for the service to retry"
     return line
@@ -204,23 +213,37 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
+WaitOption = Annotated[bool, typer.Option("--wait", help="Follow the job to its end, host by host")]
+
+
 def remove_tpm(
     vm_uuid: Annotated[UUID, typer.Argument(help="The VM whose TPM to remove", show_default=False)],
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end, host by host")] = False,
+    wait: WaitOption = False,
     url: UrlOption = DEFAULT_URL,
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Remove a VM's TPM: its state files (and NVRAM unless secure boot) on every host, then its records.
+    """Remove a VM's TPM: its state files (and NVRAM unless secure boot) on every host, then its records."""
+    start_job(f"/vms/{vm_uuid}/tpm", wait=wait, url=url, token=token, json_output=json_output)
 
-    Exit status, with --wait:
-    0  the job succeeded and every host confirmed its deletes;
-    3  the job succeeded, but some hosts failed: their files are orphans the service keeps retrying;
-    1  the job failed, or the service refused the call or could not be reached.
-    Without --wait: 0 once the job is accepted.
-    """
+
+def delete_vm(
+    vm_uuid: Annotated[UUID, typer.Argument(help="The VM to delete", show_default=False)],
+    wait: WaitOption = False,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Delete a VM: every file it keeps on every host (NVRAM too, whatever secure boot), then the VM, its TPM and
+    records."""
+    start_job(f"/vms/{vm_uuid}", wait=wait, url=url, token=token, json_output=json_output)
+
+
+def start_job(path: str, *, wait: bool, url: str, token: str | None, json_output: bool) -> None:
+    """DELETE `path`, which answers 202 with a job, and with `wait` follow the job to its end; print it, and end
+    the command with the exit status that says how it went (EXIT_STATUS_HELP)."""
     with service_client(url, token) as client:
-        answer = call(client, "DELETE", f"/vms/{vm_uuid}/tpm")
+        answer = call(client, "DELETE", path)
         job: Job = answer.json()
         if wait:
             job = follow_job(client, job, answer.headers["ETag"], show=not json_output)
@@ -238,7 +261,7 @@ def list_jobs(
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """List removal jobs, newest first."""
+    """List jobs (TPM removals and VM deletions), newest first."""
     with service_client(url, token) as client:
         rows = fetch_all(client, "/jobs", {"vm_uuid": str(vm)} if vm else {}, limit)
     if json_output:
@@ -293,6 +316,7 @@ def _when(value: str) -> str:
 
 def register(cli: typer.Typer) -> None:
     """Add the operator commands to the service's command line."""
-    cli.command("remove")(remove_tpm)
+    cli.command("remove", epilog=EXIT_STATUS_HELP)(remove_tpm)
+    cli.command("delete-vm", epilog=EXIT_STATUS_HELP)(delete_vm)
     cli.command("jobs")(list_jobs)
     cli.command("orphans")(list_orphans)

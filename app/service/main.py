@@ -29,7 +29,7 @@ from app.service.inventory.service import list_agent_urls
 from app.service.jobs.worker import Worker
 from app.service.metrics import HttpMetrics
 from app.service.orphans.reaper import OrphanReaper
-from app.service.removal.run import Removal
+from app.service.removal.run import TPM_REMOVAL, VM_DELETION, Removal
 from app.service.request_id import add_request_ids
 from app.service.settings import Settings, get_settings
 
@@ -80,9 +80,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     notifications = Notifications(asyncpg_dsn(database_url))
     listener = asyncio.create_task(notifications.run(), name="listen")
+    removal = partial(Removal, worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds)
     worker = Worker(
         worker_engine,
-        {"remove-tpm": Removal(worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds).run},
+        {"remove-tpm": removal(scope=TPM_REMOVAL).run, "delete-vm": removal(scope=VM_DELETION).run},
         OrphanReaper(
             create_session_factory(worker_engine),
             agent,
@@ -147,7 +148,8 @@ def create_app(
             "Removes a VM's virtual TPM: deletes its state files (and NVRAM unless the VM uses secure "
             "boot) on every KVM host that holds them, then the database records and the TPM's key-provider "
             "binding in one transaction. Host deletes are best-effort: a host that fails is reported in "
-            "the job and its files become orphan files, retried until the host confirms.\n\n"
+            "the job and its files become orphan files, retried until the host confirms. Deleting a VM runs the "
+            "same way over every file of the VM, and also deletes the VM.\n\n"
             "Every error is `application/problem+json` (RFC 9457). When `API_TOKEN` is set, every endpoint "
             "but health, metrics and the docs needs `Authorization: Bearer <token>` (use Authorize): "
             "`API_TOKEN`, or `API_READ_TOKEN` for GET calls only."

@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StrictBool
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PrivateAttr, StrictBool
 
 from app.protocol import FILE_TYPES, MAX_PATH_BYTES, SECRET_FILE_NAME_PATTERN, FileType
 
@@ -190,12 +190,12 @@ class JobHostOut(BaseModel):
 
 
 class JobOut(BaseModel):
-    """A removal job."""
+    """A job that removes a VM's TPM (`remove-tpm`) or deletes the VM (`delete-vm`)."""
 
     id: UUID
-    type: Literal["remove-tpm"]
+    type: Literal["remove-tpm", "delete-vm"]
     vm_uuid: UUID
-    tpm_uuid: UUID
+    tpm_uuid: UUID | None = Field(description="The TPM the job removes; null for a delete-vm job of a VM without one")
     state: JobState
     created_at: UtcTime
     started_at: UtcTime | None
@@ -203,6 +203,17 @@ class JobOut(BaseModel):
     hosts: list[JobHostOut]
     orphan_files: int
     error: str | None
+    # Not part of the body: the answer's Retry-After header.
+    _retry_after: int | None = PrivateAttr(default=None)
+
+    @property
+    def retry_after(self) -> int | None:
+        """When to look at the job again, in whole seconds (`Retry-After`); None once it has ended."""
+        return self._retry_after
+
+    @retry_after.setter
+    def retry_after(self, seconds: int | None) -> None:
+        self._retry_after = seconds
 
 
 class OrphanFileOut(BaseModel):

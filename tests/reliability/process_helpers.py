@@ -47,6 +47,10 @@ SURVIVOR = {"JOB_LEASE_SECONDS": "10"}
 # For a process whose agent call the test holds open: the call must not time out (a failed host, orphans)
 # before the test has injected its fault, however slow the machine.
 HOLDS_CALLS = {"AGENT_TIMEOUT_SECONDS": "60"}
+# The request that queues each job type for a VM: both remove its TPM's files, a delete-vm job the VM too. Tests of
+# the job guarantees (fencing, leases, crashes) run once per type.
+JOB_REQUESTS = {"remove-tpm": "/vms/{vm}/tpm", "delete-vm": "/vms/{vm}"}
+JOB_TYPES = tuple(JOB_REQUESTS)
 
 
 @dataclass
@@ -202,6 +206,13 @@ class FaultHarness:
             vm.files[host.uuid] = paths
         return vm
 
+    async def request_job(self, http: httpx.AsyncClient, vm: SeededVm, job_type: str) -> str:
+        """Queue a job of `job_type` for the VM (see JOB_REQUESTS); its id."""
+        answer = await http.delete(JOB_REQUESTS[job_type].format(vm=vm.uuid))
+        assert answer.status_code == 202 and answer.json()["type"] == job_type, answer.text
+        job_id: str = answer.json()["id"]
+        return job_id
+
     async def rows(self, sql: str, **params: Any) -> list[Row[Any]]:
         """The rows of a query on the test's database."""
         async with self.engine.connect() as conn:
@@ -267,9 +278,12 @@ class FaultHarness:
             return await audit(session, vm_uuids=[uuid.UUID(vm.uuid) for vm in vms] if vms is not None else None)
 
     async def assert_removed(self, vm: SeededVm, job_id: str) -> None:
-        """The job succeeded and left the database clean: no TPM, key binding, host-file record; audit clean."""
+        """The job succeeded and left the database clean: no TPM, key binding, host-file record, and no VM after a
+        delete-vm job (the VM stays after a TPM removal); audit clean."""
         job = await self.job(job_id)
         assert job.state == "succeeded", job
+        assert bool(await self.rows("SELECT 1 FROM vms WHERE uuid = :v", v=vm.uuid)) == (job.type == "remove-tpm")
+        assert str(job.tpm_uuid) == vm.tpm_uuid
         assert await self.rows("SELECT 1 FROM tpms WHERE uuid = :t", t=vm.tpm_uuid) == []
         assert await self.rows("SELECT 1 FROM tpm_key_bindings WHERE tpm_uuid = :t", t=vm.tpm_uuid) == []
         assert await self.rows("SELECT 1 FROM host_files WHERE vm_uuid = :v", v=vm.uuid) == []

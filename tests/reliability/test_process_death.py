@@ -1,5 +1,7 @@
 """A `serve` process killed with SIGKILL mid-removal: the next process finishes the job as if nothing had died.
 
+The kills mid-job are made once for each job type (a TPM removal, a VM's deletion).
+
 Kills land at three places: while a host's delete call is in flight, inside the cleanup transaction, and
 while an orphan's retry is in flight. Each time the next process must end the work, every file must have
 been sent for deletion, none sent again after its host confirmed it, and the audit must be clean.
@@ -9,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.process_helpers import HOLDS_CALLS, SURVIVOR, fault_harness, wait_until
+from tests.reliability.process_helpers import HOLDS_CALLS, JOB_TYPES, SURVIVOR, fault_harness, wait_until
 
 pytestmark = pytest.mark.reliability
 
 
+@pytest.mark.parametrize("job_type", JOB_TYPES)
 async def test_killed_while_a_host_call_is_held_the_next_process_finishes_the_job(
-    server_url: str, tmp_path: Path
+    server_url: str, tmp_path: Path, job_type: str
 ) -> None:
     async with fault_harness(server_url, tmp_path) as harness:
         first = await harness.start_service(**HOLDS_CALLS)
@@ -24,7 +27,7 @@ async def test_killed_while_a_host_call_is_held_the_next_process_finishes_the_jo
         vm = await harness.add_vm(http, [quick, held])
         gate = held.agent.hold_next()
 
-        job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
+        job_id = await harness.request_job(http, vm, job_type)
         await wait_until(lambda: held.agent.open_requests(), timeout=60, what="the held host is called")
         await harness.wait_for_host_state(job_id, quick.uuid, "deleted")
         await first.kill()
@@ -45,8 +48,9 @@ async def test_killed_while_a_host_call_is_held_the_next_process_finishes_the_jo
             assert host.agent.sent_after_confirmation() == []
 
 
+@pytest.mark.parametrize("job_type", JOB_TYPES)
 async def test_killed_inside_the_cleanup_its_statement_commits_whole_and_nothing_is_done_twice(
-    server_url: str, tmp_path: Path
+    server_url: str, tmp_path: Path, job_type: str
 ) -> None:
     async with fault_harness(server_url, tmp_path) as harness:
         first = await harness.start_service()
@@ -55,7 +59,7 @@ async def test_killed_inside_the_cleanup_its_statement_commits_whole_and_nothing
         vm = await harness.add_vm(http, hosts)
 
         async with harness.file_record_locked(vm):
-            job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
+            job_id = await harness.request_job(http, vm, job_type)
             await harness.wait_for_blocked_cleanup()
             await first.kill()
             second = await harness.start_service(**SURVIVOR)

@@ -1,6 +1,7 @@
 """A process stalled (SIGSTOP) past its lease while it holds a job: another process takes the job over and
 finishes it; when the first resumes (SIGCONT) and its held agent call comes back, it changes nothing. Stalled
-while its cleanup statement runs, it keeps the job: the statement holds the job row and goes through whole."""
+while its cleanup statement runs, it keeps the job: the statement holds the job row and goes through whole. Each test
+runs once for each job type (a TPM removal, a VM's deletion)."""
 
 import signal
 from pathlib import Path
@@ -8,14 +9,22 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.process_helpers import HOLDS_CALLS, SURVIVOR, FaultHarness, SeededVm, fault_harness, wait_until
+from tests.reliability.process_helpers import (
+    HOLDS_CALLS,
+    JOB_TYPES,
+    SURVIVOR,
+    FaultHarness,
+    SeededVm,
+    fault_harness,
+    wait_until,
+)
 
 pytestmark = pytest.mark.reliability
 
 
 async def snapshot(harness: FaultHarness, vm: SeededVm, job_id: str) -> dict[str, list[Any]]:
     """What the job left: its row, its hosts and files, the orphans (which files, not their retry count),
-    the confirmations, and the VM's TPM and records."""
+    the confirmations, and the VM, its TPM and records."""
     queries = {
         "job": "SELECT * FROM jobs WHERE id = :j",
         "job_hosts": "SELECT * FROM job_hosts WHERE job_id = :j ORDER BY host_uuid",
@@ -23,12 +32,16 @@ async def snapshot(harness: FaultHarness, vm: SeededVm, job_id: str) -> dict[str
         "orphans": "SELECT uuid, host_uuid, vm_uuid, job_id, path, type FROM orphan_files WHERE job_id = :j "
         "ORDER BY uuid",
         "confirmed": "SELECT * FROM confirmed_deletions WHERE job_id = :j ORDER BY file_uuid",
-        "records": "SELECT uuid FROM host_files WHERE vm_uuid = :v UNION ALL SELECT uuid FROM tpms WHERE vm_uuid = :v",
+        "records": "SELECT uuid FROM host_files WHERE vm_uuid = :v UNION ALL SELECT uuid FROM tpms WHERE vm_uuid = :v "
+        "UNION ALL SELECT uuid FROM vms WHERE uuid = :v",
     }
     return {name: [tuple(row) for row in await harness.rows(sql, j=job_id, v=vm.uuid)] for name, sql in queries.items()}
 
 
-async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(server_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("job_type", JOB_TYPES)
+async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(
+    server_url: str, tmp_path: Path, job_type: str
+) -> None:
     async with fault_harness(server_url, tmp_path) as harness:
         first = await harness.start_service(**HOLDS_CALLS)
         http = await harness.client(first)
@@ -37,7 +50,7 @@ async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(se
         failing.agent.mode = "http500"  # its files become orphans, retried by whoever is alive
         gate = held.agent.hold_next()
 
-        job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
+        job_id = await harness.request_job(http, vm, job_type)
         await wait_until(lambda: held.agent.open_requests(), timeout=60, what="the held host is called")
         await harness.wait_for_host_state(job_id, failing.uuid, "failed")
         # Whenever it lands: a process stalled inside a transaction has it ended by the server.
@@ -80,8 +93,9 @@ async def test_a_process_resumed_after_its_job_was_taken_over_changes_nothing(se
         assert report.ok, report.render()
 
 
+@pytest.mark.parametrize("job_type", JOB_TYPES)
 async def test_a_process_stalled_inside_its_cleanup_keeps_the_job_and_nothing_is_done_twice(
-    server_url: str, tmp_path: Path
+    server_url: str, tmp_path: Path, job_type: str
 ) -> None:
     async with fault_harness(server_url, tmp_path) as harness:
         first = await harness.start_service(JOB_LEASE_SECONDS="5")
@@ -90,7 +104,7 @@ async def test_a_process_stalled_inside_its_cleanup_keeps_the_job_and_nothing_is
         vm = await harness.add_vm(http, [host])
 
         async with harness.file_record_locked(vm):
-            job_id = (await http.delete(f"/vms/{vm.uuid}/tpm")).json()["id"]
+            job_id = await harness.request_job(http, vm, job_type)
             await harness.wait_for_blocked_cleanup()
             first.send(signal.SIGSTOP)
             second = await harness.start_service(**SURVIVOR)

@@ -1,4 +1,4 @@
-"""Routes of /jobs: read removal jobs, list them, and follow one by long-polling."""
+"""Routes of /jobs: read jobs, list them, and follow one by long-polling."""
 
 import asyncio
 import hashlib
@@ -21,13 +21,33 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 MAX_WAIT_SECONDS = 60
 
 
+RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": (
+            "While the job is queued or running: whole seconds after which it may have changed (1, or the end of "
+            "the backoff of a job queued again after a failed cleanup). Absent once the job has ended."
+        ),
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+"""The OpenAPI description of the Retry-After header of job answers."""
+
+
 def job_response(job: JobOut, *, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """The job as JSON with its ETag, a strong one: a hash of the body, so any visible change gives a new one."""
+    """The job as JSON with its ETag, a strong one: a hash of the body, so any visible change gives a new one;
+    while the job is under way, with its Retry-After."""
     body = job.model_dump_json()
     etag = '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
-    return Response(
-        body, status_code=status_code, media_type="application/json", headers={**(headers or {}), "ETag": etag}
-    )
+    headers = {**(headers or {}), "ETag": etag}
+    if job.retry_after is not None:
+        headers["Retry-After"] = str(job.retry_after)
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+def _not_modified(response: Response) -> Response:
+    """The 304 of a job answer: its ETag and Retry-After, no body."""
+    kept = {name: response.headers[name] for name in ("ETag", "Retry-After") if name in response.headers}
+    return Response(status_code=304, headers=kept)
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:
@@ -45,10 +65,12 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
         "Every answer carries an `ETag`. With `If-None-Match: <etag>` and `wait=S` (seconds, at most 60) "
         "this is a long-poll: 200 with the job as soon as anything in it differs from that ETag (any "
         "replica's change wakes it), or 304 Not Modified after S seconds. With `If-None-Match` and no "
-        "`wait`, an unchanged job answers 304 at once."
+        "`wait`, an unchanged job answers 304 at once. While the job is queued or running, every answer "
+        "(304 too) carries `Retry-After`."
     ),
     responses={
-        304: {"description": "Not Modified: the job still matches If-None-Match"},
+        200: {"headers": RETRY_AFTER_HEADER},
+        304: {"description": "Not Modified: the job still matches If-None-Match", "headers": RETRY_AFTER_HEADER},
         **problem_responses(404, 422),
     },
 )
@@ -69,13 +91,12 @@ async def get_job(
             async with session.begin():
                 job = await jobs.get_job(session, job_id)
             response = job_response(job)
-            etag = response.headers["ETag"]
-            if not _matches(if_none_match, etag):
+            if not _matches(if_none_match, response.headers["ETag"]):
                 return response
             remaining = deadline - time.monotonic()
             # A stopping process ends its long-polls at once; the caller polls again, on another replica.
             if remaining <= 0 or stopping.is_set():
-                return Response(status_code=304, headers={"ETag": etag})
+                return _not_modified(response)
             # No database connection is held while waiting: only these events.
             await wait_for_any([changed, stopping], timeout=remaining)
 

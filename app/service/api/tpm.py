@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 
 from app.service.api.deps import EngineDep, SessionDep
 from app.service.api.errors import problem_responses
-from app.service.api.jobs import job_response
+from app.service.api.jobs import RETRY_AFTER_HEADER, job_response
 from app.service.inventory import service as inventory
 from app.service.removal import request as removal
 from app.service.schemas import HostFileOut, JobOut, TpmIn, TpmOut, TpmWithFilesOut
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/vms/{vm_uuid}/tpm", tags=["tpm"])
     response_model=TpmOut,
     status_code=201,
     summary="Give the VM a TPM",
-    description="409 when the VM already has a TPM or a removal of its TPM is under way.",
+    description="409 when the VM already has a TPM, a removal of its TPM is under way, or it is being deleted.",
     responses=problem_responses(400, 404, 409, 413, 422),
 )
 async def create_tpm(vm_uuid: UUID, body: TpmIn, session: SessionDep) -> TpmOut:
@@ -59,10 +59,11 @@ async def get_tpm(vm_uuid: UUID, session: SessionDep) -> TpmWithFilesOut:
         "Answers 202 at once with the removal job (`Location: /jobs/{id}`); the job deletes the TPM's "
         "files on every host, then the database records and the key binding in one transaction. "
         "While a removal of this VM is queued or running, answers 202 with that same job. "
-        "404 when the VM is unknown, or has no TPM and no removal under way. 409, seldom, when the VM's TPM "
-        "was created or removed under the request again and again: ask again."
+        "404 when the VM is unknown, or has no TPM and no removal under way. 409 while the VM is being deleted "
+        "(the detail names that job); seldom, when the VM's TPM was created or removed under the request again and "
+        "again: ask again."
     ),
-    responses=problem_responses(404, 409, 422),
+    responses={202: {"headers": RETRY_AFTER_HEADER}, **problem_responses(404, 409, 422)},
 )
 async def remove_tpm(vm_uuid: UUID, engine: EngineDep) -> Response:
     job, _created = await removal.request_removal(engine, vm_uuid)

@@ -1,15 +1,17 @@
-"""Routes of /vms and /vms/{uuid}/host-files: the VMs and the files they keep on hosts."""
+"""Routes of /vms and /vms/{uuid}/host-files: the VMs, their deletion, and the files they keep on hosts."""
 
 from uuid import UUID
 
 from fastapi import APIRouter, Request, Response
 
-from app.service.api.deps import AfterQuery, LimitQuery, SessionDep
+from app.service.api.deps import AfterQuery, EngineDep, LimitQuery, SessionDep
 from app.service.api.errors import problem_responses
+from app.service.api.jobs import RETRY_AFTER_HEADER, job_response
 from app.service.api.links import set_next_link
 from app.service.inventory import service as inventory
 from app.service.pagination import DEFAULT_LIMIT
-from app.service.schemas import HostFileIn, HostFileOut, VmIn, VmOut
+from app.service.removal import request as removal
+from app.service.schemas import HostFileIn, HostFileOut, JobOut, VmIn, VmOut
 
 router = APIRouter(prefix="/vms", tags=["inventory"])
 
@@ -18,8 +20,8 @@ router = APIRouter(prefix="/vms", tags=["inventory"])
     "/{vm_uuid}",
     response_model=VmOut,
     summary="Create or replace a VM",
-    description="201 when the VM was created, 200 when it was replaced.",
-    responses={201: {"model": VmOut, "description": "Created"}, **problem_responses(400, 413, 422)},
+    description="201 when the VM was created, 200 when it was replaced. 409 while the VM is being deleted.",
+    responses={201: {"model": VmOut, "description": "Created"}, **problem_responses(400, 409, 413, 422)},
 )
 async def put_vm(vm_uuid: UUID, body: VmIn, session: SessionDep, response: Response) -> VmOut:
     async with session.begin():
@@ -35,6 +37,27 @@ async def get_vm(vm_uuid: UUID, session: SessionDep) -> VmOut:
     return VmOut.model_validate(vm, from_attributes=True)
 
 
+@router.delete(
+    "/{vm_uuid}",
+    response_model=JobOut,
+    status_code=202,
+    summary="Delete the VM",
+    description=(
+        "Answers 202 at once with a `delete-vm` job (`Location: /jobs/{id}`); the job deletes every host file of "
+        "the VM, whatever its type and whether or not the VM uses secure boot, one call per host, all at once; "
+        "then, in one transaction, the file records, the VM's TPM and key binding if it has one, and the VM. Hosts "
+        "that fail leave orphan files, retried until they confirm. While the deletion is queued or running, "
+        "answers 202 with that same job, and every write to the VM answers 409. 404 when the VM is unknown; 409 "
+        "while a removal of its TPM is queued or running (the detail names that job), or, seldom, when the VM "
+        "changed under the request again and again: ask again."
+    ),
+    responses={202: {"headers": RETRY_AFTER_HEADER}, **problem_responses(404, 409, 422)},
+)
+async def delete_vm(vm_uuid: UUID, engine: EngineDep) -> Response:
+    job, _created = await removal.request_vm_deletion(engine, vm_uuid)
+    return job_response(job, status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
 @router.post(
     "/{vm_uuid}/host-files",
     response_model=HostFileOut,
@@ -43,7 +66,7 @@ async def get_vm(vm_uuid: UUID, session: SessionDep) -> VmOut:
     description=(
         "TPM state or NVRAM, original or backup (`backup: true`). 404 when the VM or host is unknown; "
         "409 when that host already has a file recorded at that path, or while an orphan file at that path "
-        "is being retried on the host (try again shortly)."
+        "is being retried on the host (try again shortly), or while the VM is being deleted."
     ),
     responses=problem_responses(400, 404, 409, 413, 422),
 )

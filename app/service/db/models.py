@@ -139,12 +139,14 @@ class ConfirmedDeletion(Base):
 
 
 class Job(Base):
-    """A removal job: the queue row that workers claim, lease and fence."""
+    """A job that removes a VM's files from its hosts (its TPM's, or all of a VM being deleted): the queue row that
+    workers claim, lease and fence."""
 
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint(_in("state", JOB_STATES), name="ck_jobs_state"),
-        # One active removal per VM: concurrent DELETEs share it (the API also serialises on the VM row).
+        # One active job per VM, whatever its type: concurrent DELETEs share it, and a TPM removal and a deletion
+        # of the same VM never run together.
         Index(
             "uq_jobs_one_active_per_vm",
             "vm_uuid",
@@ -163,8 +165,10 @@ class Job(Base):
 
     id: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
     type: Mapped[str] = mapped_column(String(32), nullable=False, server_default="remove-tpm")
-    vm_uuid: Mapped[UUID] = mapped_column(Uuid, ForeignKey("vms.uuid", ondelete="RESTRICT"), nullable=False)
-    tpm_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    # No foreign key: a delete-vm job outlives its VM, and stays readable after it.
+    vm_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    # The TPM the job removes; a delete-vm job of a VM without one has none.
+    tpm_uuid: Mapped[UUID | None] = mapped_column(Uuid)
     state: Mapped[str] = mapped_column(String(16), nullable=False, server_default="queued")
     created_at: Mapped[datetime] = _created_at()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,6 +1,6 @@
 """The inventory: hosts, VMs, TPMs with their key binding, and the files VMs keep on hosts."""
 
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from uuid import UUID, uuid4
 
 from sqlalchemy import Boolean, exists, func, literal_column, select, type_coerce
@@ -50,30 +50,52 @@ async def list_agent_urls(session: AsyncSession) -> list[str]:
 
 
 async def put_vm(session: AsyncSession, vm_uuid: UUID, body: VmIn) -> tuple[Vm, bool]:
-    """Create or replace a VM; the flag tells whether it was created."""
+    """Create or replace a VM; the flag tells whether it was created. ConflictError while it is being deleted."""
+    if await session.scalar(select(Vm.uuid).where(Vm.uuid == vm_uuid).with_for_update()) is not None:
+        await _refuse_while_deleted(session, vm_uuid)
     return await _put(session, Vm, vm_uuid, body.model_dump())
 
 
-async def get_vm(session: AsyncSession, vm_uuid: UUID, *, lock: bool = False) -> Vm:
-    """The VM, or NotFoundError; with lock, its row stays locked until the transaction ends.
+async def get_vm(session: AsyncSession, vm_uuid: UUID, *, lock: Literal["share", "update"] | None = None) -> Vm:
+    """The VM, or NotFoundError; with lock, its row stays locked (shared or exclusive) until the transaction ends.
 
-    Locking the VM row serialises everything that decides about its TPM (create, remove) across replicas.
+    Locking the VM row serialises what decides about it across replicas: an exclusive lock whatever decides about
+    its TPM (create, remove), a shared one the recording of its files; the request of its deletion locks it too
+    (app/service/removal/queries.sql), so a write made under the lock is either seen by the deletion or sees it.
     """
     statement = select(Vm).where(Vm.uuid == vm_uuid)
-    if lock:
-        statement = statement.with_for_update()
+    if lock is not None:
+        statement = statement.with_for_update(read=lock == "share")
     vm = (await session.execute(statement)).scalar_one_or_none()
     if vm is None:
         raise NotFoundError(f"VM {vm_uuid} does not exist")
     return vm
 
 
+def job_under_way_detail(vm_uuid: UUID, job_id: UUID, job_type: str) -> str:
+    """The detail of a 409 that a job of the VM under way causes, naming the job."""
+    if job_type == "delete-vm":
+        return f"VM {vm_uuid} is being deleted (job {job_id})"
+    return f"a removal of VM {vm_uuid}'s TPM is under way (job {job_id})"
+
+
+async def _refuse_while_deleted(session: AsyncSession, vm_uuid: UUID) -> None:
+    """ConflictError while a deletion of the VM is queued or running; call it with the VM row locked."""
+    deletion = await session.scalar(
+        select(Job.id).where(Job.vm_uuid == vm_uuid, Job.type == "delete-vm", Job.state.in_(ACTIVE_JOB_STATES))
+    )
+    if deletion is not None:
+        raise ConflictError(job_under_way_detail(vm_uuid, deletion, "delete-vm"))
+
+
 async def create_tpm(session: AsyncSession, vm_uuid: UUID, body: TpmIn) -> tuple[Tpm, UUID | None]:
     """Give a VM its TPM, bound to a key provider when one is named."""
-    await get_vm(session, vm_uuid, lock=True)
-    removal_under_way = exists().where(Job.vm_uuid == vm_uuid, Job.state.in_(ACTIVE_JOB_STATES))
-    if await session.scalar(select(removal_under_way)):
-        raise ConflictError(f"a removal of VM {vm_uuid}'s TPM is under way")
+    await get_vm(session, vm_uuid, lock="update")
+    active = (
+        await session.execute(select(Job.id, Job.type).where(Job.vm_uuid == vm_uuid, Job.state.in_(ACTIVE_JOB_STATES)))
+    ).one_or_none()
+    if active is not None:
+        raise ConflictError(job_under_way_detail(vm_uuid, active.id, active.type))
     if await session.scalar(select(exists().where(Tpm.vm_uuid == vm_uuid))):
         raise ConflictError(f"VM {vm_uuid} already has a TPM")
     tpm = Tpm(uuid=uuid4(), vm_uuid=vm_uuid)
@@ -101,8 +123,11 @@ async def get_tpm(session: AsyncSession, vm_uuid: UUID) -> tuple[Tpm, UUID | Non
 
 
 async def add_host_file(session: AsyncSession, vm_uuid: UUID, body: HostFileIn) -> HostFile:
-    """Record a file a VM keeps on a host, and enter it in the ledger of every file ever recorded."""
-    await get_vm(session, vm_uuid)
+    """Record a file a VM keeps on a host, and enter it in the ledger of every file ever recorded.
+
+    ConflictError while the VM is being deleted."""
+    await get_vm(session, vm_uuid, lock="share")
+    await _refuse_while_deleted(session, vm_uuid)
     await get_host(session, body.host_uuid)
     # The row lock keeps the orphan reaper (SKIP LOCKED) from claiming an orphan at this path until the new
     # record is committed, after which it leaves the path alone; a retry already in flight must end first.

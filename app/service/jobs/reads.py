@@ -1,14 +1,19 @@
 """Jobs as the API shows them: one job with its host outcomes, and pages of jobs."""
 
+import math
+from datetime import UTC, datetime
 from uuid import UUID
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.service.db.models import Job, JobHost
+from app.service.db.models import ACTIVE_JOB_STATES, Job, JobHost
 from app.service.errors import NotFoundError
 from app.service.pagination import Page, after_time_uuid, page_of, time_uuid_cursor
 from app.service.schemas import JobHostOut, JobOut
+
+# The shortest Retry-After of a job under way: Retry-After counts whole seconds.
+MIN_RETRY_AFTER_SECONDS = 1
 
 
 async def get_job(session: AsyncSession, job_id: UUID) -> JobOut:
@@ -52,7 +57,7 @@ async def _with_hosts(session: AsyncSession, jobs: list[Job]) -> list[JobOut]:
 
 def job_out(job: Job, hosts: list[JobHostOut]) -> JobOut:
     """The job as the API shows it, given its host outcomes (none before the job is planned)."""
-    return JobOut(
+    out = JobOut(
         id=job.id,
         type=job.type,
         vm_uuid=job.vm_uuid,
@@ -65,3 +70,18 @@ def job_out(job: Job, hosts: list[JobHostOut]) -> JobOut:
         orphan_files=job.orphan_files,
         error=job.error,
     )
+    out.retry_after = retry_after_seconds(job.state, job.run_after)
+    return out
+
+
+def retry_after_seconds(state: str, run_after: datetime) -> int | None:
+    """When a job may next change, in whole seconds from now; None once it has ended.
+
+    A running job changes as its hosts answer, and a queued job that is due is claimed within moments: 1 s. A job
+    queued again after a failed cleanup is not claimed before its backoff ends.
+    """
+    if state not in ACTIVE_JOB_STATES:
+        return None
+    if state == "queued":
+        return max(MIN_RETRY_AFTER_SECONDS, math.ceil((run_after - datetime.now(UTC)).total_seconds()))
+    return MIN_RETRY_AFTER_SECONDS

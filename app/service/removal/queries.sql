@@ -8,8 +8,9 @@
 --
 -- Which of a VM's host files go with its TPM: state files and secrets always, NVRAM unless the VM uses secure
 -- boot (it holds the boot variables then). The libvirt secret encrypts the TPM's state, so it goes with the TPM
--- whatever the VM boots with. Backups follow the same rule. `plan` and `files_removed_with_tpm`
--- both select with it.
+-- whatever the VM boots with. Backups follow the same rule. `plan` and `files_removed_with_tpm` both select with
+-- it. A deletion of the VM takes every one of its files (`plan` with :every_file), and its cleanup deletes the VM
+-- too (`cleanup` with :delete_vm).
 
 -- queue_removal --
 -- The job of a removal, inserted only while the VM has a TPM and no job under way. The TPM row is locked, so
@@ -21,10 +22,22 @@ SELECT :job_id, 'remove-tpm', tpms.vm_uuid, tpms.uuid FROM tpms WHERE tpms.vm_uu
 ON CONFLICT (vm_uuid) WHERE state IN ('queued', 'running') DO NOTHING
 RETURNING *
 
+-- queue_vm_deletion --
+-- The job of a VM's deletion, inserted only while the VM exists and has no job under way (as in queue_removal);
+-- its TPM, if it has one, is named. The VM row is locked, so that a write to the VM that is under way (a new TPM
+-- or host file) is committed before the job is, and so seen by its plan; every such write made after it sees the
+-- job, and is refused.
+INSERT INTO jobs (id, type, vm_uuid, tpm_uuid)
+SELECT :job_id, 'delete-vm', vms.uuid, tpms.uuid
+FROM vms LEFT JOIN tpms ON tpms.vm_uuid = vms.uuid WHERE vms.uuid = :vm_uuid FOR UPDATE OF vms
+ON CONFLICT (vm_uuid) WHERE state IN ('queued', 'running') DO NOTHING
+RETURNING *
+
 -- removal_state --
--- Why no job was inserted: no VM, a job under way, or no TPM.
+-- Why no job was inserted: no VM, a job under way (and of which type), or no TPM.
 SELECT (SELECT uuid FROM vms WHERE uuid = :vm_uuid) AS vm,
        (SELECT id FROM jobs WHERE vm_uuid = :vm_uuid AND state IN ('queued', 'running')) AS active_job,
+       (SELECT type FROM jobs WHERE vm_uuid = :vm_uuid AND state IN ('queued', 'running')) AS active_type,
        (SELECT uuid FROM tpms WHERE vm_uuid = :vm_uuid) AS tpm
 
 -- files_removed_with_tpm --
@@ -36,9 +49,10 @@ WHERE host_files.vm_uuid = :vm_uuid
 ORDER BY host_files.host_uuid, host_files.path
 
 -- plan --
--- Fence, then once per job (a resumed job keeps its own plan) copy its files and count them per host, and answer
--- the files of the hosts still pending. `before` is the job row as the statement found it: whether it was
--- planned already. A job with nothing (left) to delete answers one row of NULLs, so that its fence still shows.
+-- Fence, then once per job (a resumed job keeps its own plan) copy its files (every one with :every_file, else
+-- those that go with the TPM) and count them per host, and answer the files of the hosts still pending. `before`
+-- is the job row as the statement found it: whether it was planned already. A job with nothing (left) to delete
+-- answers one row of NULLs, so that its fence still shows.
 WITH job AS (
     UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second', planned = true
     FROM jobs AS before
@@ -49,7 +63,7 @@ WITH job AS (
     SELECT :job_id, host_files.uuid, host_files.host_uuid, host_files.path, host_files.type
     FROM job, host_files JOIN vms ON vms.uuid = host_files.vm_uuid
     WHERE NOT job.was_planned AND host_files.vm_uuid = :vm_uuid
-      AND (host_files.type IN ('TpmState', 'Secret') OR NOT vms.secure_boot)
+      AND (CAST(:every_file AS boolean) OR host_files.type IN ('TpmState', 'Secret') OR NOT vms.secure_boot)
     RETURNING host_uuid, path, type
 ), planned_hosts AS (
     INSERT INTO job_hosts (job_id, host_uuid, files)
@@ -87,7 +101,9 @@ SELECT id FROM job
 -- cleanup --
 -- The job's database work after its host calls, in one statement however many files and hosts it has: the last
 -- host outcomes recorded (as in record_outcomes), orphans and confirmations recorded from every host's outcome,
--- file records, key binding and TPM deleted, and the job succeeded, which is also its fence.
+-- file records, the VM's key binding and TPM (and with :delete_vm the VM) deleted, and the job succeeded, which is
+-- also its fence. The job keeps the TPM it removed: while the job is under way no TPM of the VM is created or
+-- removed, so the VM's TPM is the job's (a deletion queued just as a TPM was created may not have named it).
 WITH outcome AS (
     SELECT CAST(host AS uuid) AS host_uuid, state, error
     FROM unnest(CAST(:hosts AS text[]), CAST(:states AS text[]), CAST(:errors AS text[])) AS outcome(host, state, error)
@@ -105,7 +121,8 @@ WITH outcome AS (
     WHERE job_files.job_id = :job_id
 ), job AS (
     UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_token = NULL, lease_expires_at = NULL,
-        error = NULL, orphan_files = (SELECT count(*) FROM files WHERE state <> 'deleted')
+        error = NULL, orphan_files = (SELECT count(*) FROM files WHERE state <> 'deleted'),
+        tpm_uuid = (SELECT uuid FROM tpms WHERE tpms.vm_uuid = :vm_uuid)
     WHERE jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running'
     RETURNING id, orphan_files
 ), recorded AS (
@@ -126,8 +143,11 @@ WITH outcome AS (
 ), file_records AS (
     DELETE FROM host_files USING job, files WHERE host_files.uuid = files.file_uuid
 ), key_binding AS (
-    DELETE FROM tpm_key_bindings USING job WHERE tpm_key_bindings.tpm_uuid = :tpm_uuid
+    DELETE FROM tpm_key_bindings USING job, tpms
+    WHERE tpm_key_bindings.tpm_uuid = tpms.uuid AND tpms.vm_uuid = :vm_uuid
 ), tpm AS (
-    DELETE FROM tpms USING job WHERE tpms.uuid = :tpm_uuid
+    DELETE FROM tpms USING job WHERE tpms.vm_uuid = :vm_uuid
+), vm AS (
+    DELETE FROM vms USING job WHERE vms.uuid = :vm_uuid AND CAST(:delete_vm AS boolean)
 )
 SELECT orphan_files FROM job

@@ -1,4 +1,4 @@
-"""Asking for a TPM removal: one job per VM however many requests arrive, in every replica."""
+"""Asking for a TPM removal or a VM's deletion: one job per VM however many requests arrive, in every replica."""
 
 from typing import Any
 from uuid import UUID, uuid4
@@ -11,49 +11,66 @@ from app.service.db.engine import DriverStatement, driver_connection
 from app.service.db.models import Job
 from app.service.db.queries import load_queries
 from app.service.errors import ConflictError, NotFoundError
-from app.service.inventory.service import get_vm
+from app.service.inventory.service import get_vm, job_under_way_detail
 from app.service.jobs.reads import get_job, job_out
 from app.service.schemas import JobOut
 
-# A removal's request attempts: each further one follows a change of the VM's state between two statements.
+# A request's attempts: each further one follows a change of the VM's state between two statements.
 _REQUEST_ATTEMPTS = 3
 
 
 QUERIES = load_queries(__file__)
-_QUEUE_REMOVAL = DriverStatement.of(text(QUERIES["queue_removal"]))
+_QUEUE = {
+    "remove-tpm": DriverStatement.of(text(QUERIES["queue_removal"])),
+    "delete-vm": DriverStatement.of(text(QUERIES["queue_vm_deletion"])),
+}
 _REMOVAL_STATE = DriverStatement.of(text(QUERIES["removal_state"]))
 
 
 async def request_removal(engine: AsyncEngine, vm_uuid: UUID) -> tuple[JobOut, bool]:
-    """Queue the removal of a VM's TPM, or return the removal already under way; the flag tells which.
+    """Queue the removal of a VM's TPM, or return the removal already under way; the flag tells which."""
+    return await _request(engine, "remove-tpm", vm_uuid)
+
+
+async def request_vm_deletion(engine: AsyncEngine, vm_uuid: UUID) -> tuple[JobOut, bool]:
+    """Queue the deletion of a VM, or return the deletion already under way; the flag tells which."""
+    return await _request(engine, "delete-vm", vm_uuid)
+
+
+async def _request(engine: AsyncEngine, job_type: str, vm_uuid: UUID) -> tuple[JobOut, bool]:
+    """Queue a job of `job_type` for the VM, or return the one of that type under way; the flag tells which.
 
     Each statement is atomic by itself, so they run without a transaction: the common case is the insert alone, one
     round trip. However many requests arrive at once, in every replica, the unique index lets exactly one job in;
-    the others read it back, on a connection of their own once the first is back in the pool.
+    the others read it back, on a connection of their own once the first is back in the pool. A job of the other
+    type under way is a ConflictError that names it.
     """
     async with driver_connection(engine) as connection:
-        queued_or_active = await _queue_removal(connection, vm_uuid)
+        queued_or_active = await _queue(connection, job_type, vm_uuid)
     if not isinstance(queued_or_active, UUID):
         return job_out(Job(**queued_or_active), hosts=[]), True
     async with AsyncSession(engine) as session:
         return await get_job(session, queued_or_active), False
 
 
-async def _queue_removal(connection: asyncpg.Connection, vm_uuid: UUID) -> asyncpg.Record | UUID:
-    """The row of the job inserted, or else the id of the removal under way; NotFoundError or ConflictError."""
+async def _queue(connection: asyncpg.Connection, job_type: str, vm_uuid: UUID) -> asyncpg.Record | UUID:
+    """The row of the job inserted, or else the id of the job of that type under way; NotFoundError or
+    ConflictError."""
     for _ in range(_REQUEST_ATTEMPTS):
-        if queued := await _QUEUE_REMOVAL.fetch(connection, {"job_id": uuid4(), "vm_uuid": vm_uuid}):
+        if queued := await _QUEUE[job_type].fetch(connection, {"job_id": uuid4(), "vm_uuid": vm_uuid}):
             return queued[0]
-        ((vm, active, tpm),) = await _REMOVAL_STATE.fetch(connection, {"vm_uuid": vm_uuid})
+        ((vm, active, active_type, tpm),) = await _REMOVAL_STATE.fetch(connection, {"vm_uuid": vm_uuid})
         if active is not None:
-            return active
+            if active_type == job_type:
+                return active
+            raise ConflictError(job_under_way_detail(vm_uuid, active, active_type))
         if vm is None:
             raise NotFoundError(f"VM {vm_uuid} does not exist")
-        if tpm is None:
+        if job_type == "remove-tpm" and tpm is None:
             raise NotFoundError(f"VM {vm_uuid} has no TPM")
-        # A TPM and no removal under way, yet no job inserted: a removal ended or a TPM was created
+        # What the insert needs and no job under way, yet no job inserted: a job ended, or a TPM was created,
         # between the two statements. Look again.
-    raise ConflictError(f"VM {vm_uuid}'s TPM is changing right now; try again shortly")
+    raise ConflictError(f"VM {vm_uuid} is changing right now; try again shortly")
 
 
 async def list_files_removed_with_tpm(session: AsyncSession, vm_uuid: UUID) -> list[Row[Any]]:

@@ -1,4 +1,7 @@
-"""What a TPM removal does: plan the files, delete them on every host at once, clean up in one transaction.
+"""What a removal job does: plan the files, delete them on every host at once, clean up in one transaction.
+
+Both job types that remove a VM's host files run here, each with its scope: a TPM removal (`remove-tpm`) takes the
+files that go with the TPM, a VM's deletion (`delete-vm`) takes every file of the VM and the VM itself.
 
 Host calls come before the database transaction, never after it: a record is deleted only once its
 file's fate is known (confirmed gone, or kept as an orphan to retry), so nothing on a host is ever left
@@ -37,6 +40,22 @@ _PLAN, _RECORD_OUTCOMES, _CLEANUP = (
 
 
 @dataclass(frozen=True)
+class RemovalScope:
+    """What a job type removes: which of the VM's host files, and whether the VM itself goes too."""
+
+    every_file: bool
+    """Every host file of the VM, whatever its type and secure boot; else those that go with its TPM."""
+    vm: bool
+    """The VM's record goes in the cleanup, with its TPM and key binding."""
+
+
+TPM_REMOVAL = RemovalScope(every_file=False, vm=False)
+"""`remove-tpm`: the TPM, its key binding, its state files and secrets, and NVRAM unless the VM uses secure boot."""
+VM_DELETION = RemovalScope(every_file=True, vm=True)
+"""`delete-vm`: every host file of the VM, its TPM and key binding if it has one, and the VM."""
+
+
+@dataclass(frozen=True)
 class HostPlan:
     """The files of one host that a job still has to delete there."""
 
@@ -58,11 +77,15 @@ def _outcome_params(outcomes: Sequence[tuple[UUID, HostDeleteResult]]) -> dict[s
 
 
 class Removal:
-    """Runs removal jobs, given a database engine and an agent client; knows nothing of HTTP or claiming."""
+    """Runs the removal jobs of one scope, given a database engine and an agent client; knows nothing of HTTP or
+    claiming."""
 
-    def __init__(self, engine: AsyncEngine, agent: AgentClient, *, orphan_retry_seconds: float) -> None:
+    def __init__(
+        self, engine: AsyncEngine, agent: AgentClient, *, scope: RemovalScope, orphan_retry_seconds: float
+    ) -> None:
         self._engine = engine
         self._agent = agent
+        self._scope = scope
         self._orphan_retry_seconds = orphan_retry_seconds
 
     async def run(self, claim: JobClaim, lease: LeaseClock) -> int:
@@ -87,7 +110,7 @@ class Removal:
 
     async def plan_removal(self, claim: JobClaim, lease: LeaseClock) -> list[HostPlan]:
         """Record the job's files and hosts once (a resumed job keeps its plan); the hosts still pending."""
-        rows = await self._fenced(claim, lease, _PLAN, {"vm_uuid": claim.vm_uuid})
+        rows = await self._fenced(claim, lease, _PLAN, {"vm_uuid": claim.vm_uuid, "every_file": self._scope.every_file})
         plans: dict[UUID, HostPlan] = {}
         for host_uuid, agent_url, path, file_type in rows:
             if host_uuid is None:  # the job has no file (left) to delete
@@ -141,10 +164,11 @@ class Removal:
         self, claim: JobClaim, lease: LeaseClock, last_outcomes: Sequence[tuple[UUID, HostDeleteResult]]
     ) -> int:
         """In one statement: the last host outcomes, orphans and confirmations recorded, file records, key
-        binding and TPM deleted, the job succeeded. The number of orphan files the job left."""
+        binding and TPM (and the VM, if the scope says so) deleted, the job succeeded. The number of orphan files
+        the job left."""
         params = {
             "vm_uuid": claim.vm_uuid,
-            "tpm_uuid": claim.tpm_uuid,
+            "delete_vm": self._scope.vm,
             "retry": self._orphan_retry_seconds,
             **_outcome_params(last_outcomes),
         }
