@@ -9,7 +9,7 @@ from functools import partial
 from fastapi import APIRouter, Depends, FastAPI
 
 from app.service.agent_client import AgentClient, agent_session
-from app.service.api import health, hosts, jobs, orphans, tpm, vms
+from app.service.api import abandoned, health, hosts, jobs, orphans, tpm, vms
 from app.service.api.deps import require_token
 from app.service.api.docs import add_offline_docs
 from app.service.api.errors import install_error_handlers, problem_responses
@@ -147,7 +147,7 @@ def create_app(
     app.include_router(health.router)
     add_offline_docs(app)
     protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 503))
-    for module in (hosts, vms, tpm, jobs, orphans):
+    for module in (hosts, vms, tpm, jobs, orphans, abandoned):
         protected.include_router(module.router)
     app.include_router(protected)
     return app

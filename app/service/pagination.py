@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 from uuid import UUID
 
+from sqlalchemy import Select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
+
 from app.service.errors import ServiceError
 
 T = TypeVar("T")
@@ -61,3 +65,19 @@ def page_of(rows: list[T], limit: int, key: Callable[[T], list[str]]) -> Page[T]
     if len(rows) > limit:
         return Page(rows[:limit], encode_cursor(key(rows[limit - 1])))
     return Page(rows, None)
+
+
+async def page_by_uuid(
+    session: AsyncSession,
+    statement: Select[T],
+    key: InstrumentedAttribute[UUID],
+    *,
+    limit: int,
+    after: str | None,
+) -> Page[T]:
+    """A page of the rows `statement` selects, in the order of their UUID column `key`, from the cursor `after` on."""
+    statement = statement.order_by(key).limit(limit + 1)
+    if after is not None:
+        (last_uuid,) = decode_cursor(after, 1)
+        statement = statement.where(key > cursor_uuid(last_uuid))
+    return page_of(list(await session.scalars(statement)), limit, lambda row: [str(getattr(row, key.key))])

@@ -179,6 +179,19 @@ class OrphanFileOut(BaseModel):
     next_attempt_at: UtcTime
 
 
+class AbandonedFileOut(BaseModel):
+    """An orphan file of a decommissioned host: never retried nor deleted; it may still be on that disk."""
+
+    uuid: UUID
+    host_uuid: UUID
+    vm_uuid: UUID
+    path: str
+    type: FileType
+    attempts: int
+    last_error: str | None
+    abandoned_at: UtcTime
+
+
 class Problem(BaseModel):
     """An RFC 9457 problem answer (application/problem+json)."""
 
