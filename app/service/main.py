@@ -88,6 +88,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ),
         notifications,
         lease_seconds=settings.job_lease_seconds,
+        retention_seconds=settings.job_retention_seconds,
         poll_seconds=settings.worker_poll_seconds,
         max_jobs=settings.worker_max_jobs,
         max_failures=settings.job_max_failures,
