@@ -82,7 +82,7 @@ def parse_args() -> argparse.Namespace:
         "--prune-quiet-seconds", type=float, default=20, help="seconds of DELETEs with nothing to prune (default 20)"
     )
     parser.add_argument(
-        "--retention-rounds", type=int, default=10, help="rounds of removals of the long run (default 10)"
+        "--retention-rounds", type=int, default=25, help="rounds of removals of the long run (default 25)"
     )
     parser.add_argument(
         "--retention-removals", type=int, default=2000, help="removals per round of the long run (default 2000)"

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import aiohttp
 import asyncpg
 
-from bench.load import LoadResult, send_at_rate
-from bench.scenarios import removal_run, two_host_layouts
+from bench.load import LoadResult, send_all, send_at_rate
+from bench.scenarios import no_job_active, two_host_layouts
 from bench.seed import Seeder
 
 # The tables retention keeps from growing, as the issue names them.
@@ -36,11 +36,6 @@ async def _jobs_past(database: asyncpg.Connection, retention_seconds: float) -> 
         retention_seconds,
     )
     return found
-
-
-async def _no_job_active(database: asyncpg.Connection) -> None:
-    while await database.fetchval("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"):
-        await asyncio.sleep(_WATCH_SECONDS)
 
 
 async def _deletes_at_rate(
@@ -73,12 +68,12 @@ async def prune_backlog_run(
     quiet_vms = await seeder.vms(two_host_layouts(hosts, math.ceil(per_second * quiet_seconds)))
     pruning_vms = await seeder.vms(two_host_layouts(hosts, math.ceil(per_second * longest_prune_seconds)))
     (backlog_vm,) = await seeder.vms([[]])
-    await _no_job_active(database)
+    await no_job_active(database)
 
     quiet_over = asyncio.Event()
     asyncio.get_running_loop().call_later(quiet_seconds, quiet_over.set)
     quiet = await _deletes_at_rate(http, base_url, quiet_vms, per_second, quiet_over)
-    await _no_job_active(database)
+    await no_job_active(database)
 
     started = time.monotonic()
     await seeder.finished_jobs(backlog_vm, hosts, jobs, age_seconds=2 * retention_seconds)
@@ -94,8 +89,26 @@ async def prune_backlog_run(
     watcher = asyncio.create_task(watch())
     pruning = await _deletes_at_rate(http, base_url, pruning_vms, per_second, pruned)
     prune_seconds = await watcher
-    await _no_job_active(database)
+    await no_job_active(database)
     return PruneRun(jobs, seeded - started, prune_seconds, quiet, pruning)
+
+
+async def _remove_all(
+    http: aiohttp.ClientSession,
+    database: asyncpg.Connection,
+    base_url: str,
+    vm_uuids: list[uuid.UUID],
+    concurrency: int,
+) -> None:
+    """Remove every VM's TPM and wait until no job is under way; checked by the TPMs being gone, since the jobs
+    themselves may be pruned by then."""
+    accepted = await send_all(http, "DELETE", [f"{base_url}/vms/{vm}/tpm" for vm in vm_uuids], concurrency=concurrency)
+    if accepted.statuses[202] != len(vm_uuids):
+        raise RuntimeError(f"DELETEs answered {dict(accepted.statuses)}, expected 202 for all {len(vm_uuids)}")
+    await no_job_active(database)
+    left = await database.fetchval("SELECT count(*) FROM tpms WHERE vm_uuid = ANY($1::uuid[])", vm_uuids)
+    if left:
+        raise RuntimeError(f"{left} of {len(vm_uuids)} TPMs were not removed")
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,6 @@ async def long_run_table_sizes(
     sizes = [await table_sizes(database, 0)]
     for number in range(1, rounds + 1):
         vm_uuids = await seeder.vms(two_host_layouts(hosts, removals))
-        await removal_run(http, database, base_url, vm_uuids, concurrency=concurrency)
+        await _remove_all(http, database, base_url, vm_uuids, concurrency)
         sizes.append(await table_sizes(database, number * removals))
     return sizes
