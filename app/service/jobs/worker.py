@@ -23,8 +23,8 @@ from app.service.orphans.reaper import OrphanReaper
 log = logging.getLogger(__name__)
 
 _GAUGE_REFRESH_SECONDS = 5.0
-# Jobs pruned per statement: small enough that each statement holds its row locks for milliseconds, so that a
-# backlog (a first start with retention, a long outage) drains without slowing the jobs and requests meanwhile.
+# Jobs pruned per statement: small enough that each statement holds its row locks and writes its WAL for
+# milliseconds, so that a backlog (a first start with retention, a long outage) drains in small steps.
 PRUNE_BATCH_JOBS = 200
 
 JobHandler = Callable[[JobClaim, LeaseClock], Awaitable[int]]
@@ -207,14 +207,18 @@ class Worker:
 
     async def _prune_loop(self) -> None:
         while True:
+            started = time.monotonic()
             try:
                 pruned = await self.prune_once()
             except Exception as error:
                 _log_loop_error("prune jobs", error)
                 pruned = 0
-            # A full batch means more are due: the next goes at once, each in its own statement.
             if pruned < PRUNE_BATCH_JOBS:
                 await asyncio.sleep(self._poll_seconds)
+            else:
+                # More are due. Pausing as long as the batch took keeps a backlog's pruning to half of one connection's
+                # time at most, so that the requests and jobs meanwhile do not queue behind it for the database.
+                await asyncio.sleep(time.monotonic() - started)
 
     async def prune_once(self) -> int:
         """Delete one batch of jobs past their retention; how many went."""
