@@ -27,6 +27,8 @@ class PruneRun:
     prune_seconds: float
     quiet: LoadResult
     pruning: LoadResult
+    ran_out: bool
+    """Whether the DELETEs ran out of VMs before the pruning was done."""
 
 
 async def _jobs_past(database: asyncpg.Connection, retention_seconds: float) -> bool:
@@ -90,7 +92,7 @@ async def prune_backlog_run(
     pruning = await _deletes_at_rate(http, base_url, pruning_vms, per_second, pruned)
     prune_seconds = await watcher
     await no_job_active(database)
-    return PruneRun(jobs, seeded - started, prune_seconds, quiet, pruning)
+    return PruneRun(jobs, seeded - started, prune_seconds, quiet, pruning, pruning.count == len(pruning_vms))
 
 
 async def _remove_all(

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 _GAUGE_REFRESH_SECONDS = 5.0
 # Jobs pruned per statement: small enough that each statement holds its row locks and writes its WAL for
 # milliseconds, so that a backlog (a first start with retention, a long outage) drains in small steps.
-PRUNE_BATCH_JOBS = 200
+PRUNE_BATCH_JOBS = 100
+# After a full batch, the pruner rests this many times as long as the batch took (docs/BENCHMARK.md, retention).
+PRUNE_PAUSE_FACTOR = 3.0
 
 JobHandler = Callable[[JobClaim, LeaseClock], Awaitable[int]]
 """Carries a claimed job to its end, its writes fenced by the claim; the number of orphan files it left.
@@ -216,9 +218,9 @@ class Worker:
             if pruned < PRUNE_BATCH_JOBS:
                 await asyncio.sleep(self._poll_seconds)
             else:
-                # More are due. Pausing as long as the batch took keeps a backlog's pruning to half of one connection's
-                # time at most, so that the requests and jobs meanwhile do not queue behind it for the database.
-                await asyncio.sleep(time.monotonic() - started)
+                # More are due. Pausing between batches keeps a backlog's pruning to a quarter of one connection's time,
+                # and its WAL to small bursts, so that the requests and jobs meanwhile do not queue behind it.
+                await asyncio.sleep(PRUNE_PAUSE_FACTOR * (time.monotonic() - started))
 
     async def prune_once(self) -> int:
         """Delete one batch of jobs past their retention; how many went."""
