@@ -346,9 +346,9 @@ async def run(args: argparse.Namespace) -> None:
 
         report()
         report(
-            f"== 5. retention: {args.prune_jobs} finished jobs past JOB_RETENTION_SECONDS (default, 7 days) appear at "
-            f"once, while DELETEs go on at {args.prune_rate:g}/s (open loop; after {args.prune_quiet_seconds:g} s of "
-            "them with nothing to prune)"
+            f"== 5. retention: {args.prune_jobs} finished jobs (seeded, then the tables vacuumed) pass "
+            f"JOB_RETENTION_SECONDS (default, 7 days) at once, while DELETEs go on at {args.prune_rate:g}/s "
+            f"(open loop; the {args.prune_quiet_seconds:g} s of them before, with nothing to prune, for comparison)"
         )
         prune = await prune_backlog_run(
             http,
@@ -367,7 +367,7 @@ async def run(args: argparse.Namespace) -> None:
             f"INSERT ... SELECT generate_series: {prune.seed_seconds:.1f} s"
         )
         report(
-            f"pruned them all {prune.prune_seconds:.1f} s after they appeared = {prune.jobs / prune.prune_seconds:.0f} "
+            f"pruned them all {prune.prune_seconds:.1f} s after they were due = {prune.jobs / prune.prune_seconds:.0f} "
             "jobs/s (the first batch waits for the worker's next idle check, up to WORKER_POLL_SECONDS)"
         )
         report(describe_load("DELETEs with nothing to prune", prune.quiet))

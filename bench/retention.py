@@ -16,6 +16,9 @@ from bench.seed import Seeder
 # The tables retention keeps from growing, as the issue names them.
 RETAINED_TABLES = ("jobs", "job_hosts", "job_files", "confirmed_deletions", "file_ledger")
 _WATCH_SECONDS = 0.1
+# The seeded backlog passes its retention this long after the seed starts: time to seed, vacuum and run the quiet
+# DELETEs before it.
+_BACKLOG_DUE_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -64,35 +67,45 @@ async def prune_backlog_run(
     quiet_seconds: float,
     longest_prune_seconds: float,
 ) -> PruneRun:
-    """DELETEs at `per_second` for `quiet_seconds` with nothing to prune; then `jobs` finished jobs past retention
-    appear at once (seeded in one statement) and DELETEs go on at the same rate until the service pruned them all
-    (or for `longest_prune_seconds`, when VMs to remove run out)."""
+    """`jobs` finished jobs, seeded in one statement so that they pass their retention a while later; DELETEs at
+    `per_second` for the last `quiet_seconds` before that, with nothing to prune, then on at the same rate from then
+    until the service pruned them all (or for `longest_prune_seconds`, when VMs to remove run out).
+
+    The tables are vacuumed and analysed between the seed and the quiet DELETEs, as a week of jobs would find them:
+    neither phase then carries the cost of a million rows that just appeared at once.
+    """
     quiet_vms = await seeder.vms(two_host_layouts(hosts, math.ceil(per_second * quiet_seconds)))
     pruning_vms = await seeder.vms(two_host_layouts(hosts, math.ceil(per_second * longest_prune_seconds)))
     (backlog_vm,) = await seeder.vms([[]])
     await no_job_active(database)
 
-    quiet_over = asyncio.Event()
-    asyncio.get_running_loop().call_later(quiet_seconds, quiet_over.set)
-    quiet = await _deletes_at_rate(http, base_url, quiet_vms, per_second, quiet_over)
-    await no_job_active(database)
-
     started = time.monotonic()
-    await seeder.finished_jobs(backlog_vm, hosts, jobs, age_seconds=2 * retention_seconds)
-    seeded = time.monotonic()
+    await seeder.finished_jobs(backlog_vm, hosts, jobs, age_seconds=retention_seconds - _BACKLOG_DUE_SECONDS)
+    seed_seconds = time.monotonic() - started
+    due = started + _BACKLOG_DUE_SECONDS
+    await database.execute(f"VACUUM (ANALYZE) {', '.join(RETAINED_TABLES)}")
+    quiet_starts = due - quiet_seconds - time.monotonic()
+    if quiet_starts < 0:
+        raise RuntimeError(f"seeding and vacuuming took too long: {-quiet_starts:.0f} s of quiet DELETEs are lost")
+    await asyncio.sleep(quiet_starts)
+
+    quiet_over = asyncio.Event()
+    asyncio.get_running_loop().call_later(due - time.monotonic(), quiet_over.set)
+    quiet = await _deletes_at_rate(http, base_url, quiet_vms, per_second, quiet_over)
     pruned = asyncio.Event()
 
     async def watch() -> float:
-        while await _jobs_past(database, retention_seconds):
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        while await database.fetchval("SELECT EXISTS (SELECT 1 FROM jobs WHERE vm_uuid = $1)", backlog_vm):
             await asyncio.sleep(_WATCH_SECONDS)
         pruned.set()
-        return time.monotonic() - seeded
+        return time.monotonic() - due
 
     watcher = asyncio.create_task(watch())
     pruning = await _deletes_at_rate(http, base_url, pruning_vms, per_second, pruned)
     prune_seconds = await watcher
     await no_job_active(database)
-    return PruneRun(jobs, seeded - started, prune_seconds, quiet, pruning, pruning.count == len(pruning_vms))
+    return PruneRun(jobs, seed_seconds, prune_seconds, quiet, pruning, pruning.count == len(pruning_vms))
 
 
 async def _remove_all(
