@@ -2,7 +2,8 @@
 
 Starts the service (`python -m app serve`) and the bare baseline app as real processes, and two fleets of the
 shipped host agents inside this process, one over plain HTTP and one over mutual TLS, then prints the fan-out
-ratio and the physical-limit ratio over each, the SQL cost per job and the memory growth over many removals.
+ratio and the physical-limit ratio over each, the SQL cost per job, the memory growth over many removals, and what
+job retention costs and keeps.
 """
 
 import argparse
@@ -33,6 +34,7 @@ from bench.cost import STEPS, measure_job_costs
 from bench.database import fresh_database, postgres_server
 from bench.fleet import agent_fleet
 from bench.load import LoadResult, client_session
+from bench.retention import RETAINED_TABLES, long_run_table_sizes, prune_backlog_run
 from bench.scenarios import FanOutRun, baseline_run, fan_out_run, removal_run, two_host_layouts
 from bench.seed import FileSpec, Seeder
 from bench.tls import make_pki
@@ -46,6 +48,9 @@ COST_LARGE_FILES = 1000
 GOAL_FAN_OUT_RATIO = 1.3
 GOAL_LIMIT_RATIO = 0.25
 GOAL_RSS_GROWTH_MB = 30.0
+GOAL_PRUNE_P99_RATIO = 1.5
+# The service's default JOB_RETENTION_SECONDS (7 days): the backlog is seeded twice as old.
+DEFAULT_RETENTION_SECONDS = 604800.0
 # Lets the service's last allocations and freed connections settle before memory is read.
 _SETTLE_SECONDS = 2.0
 # The two ways the service calls agents; every fan-out and removal figure is measured over both.
@@ -72,6 +77,25 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=5000,
         help="removals between the two memory readings (default 5000; the documented figure uses 50000)",
+    )
+    parser.add_argument("--prune-jobs", type=int, default=100_000, help="finished jobs past retention to prune")
+    parser.add_argument(
+        "--prune-rate", type=float, default=100, help="DELETEs per second while measuring their latency (default 100)"
+    )
+    parser.add_argument(
+        "--prune-quiet-seconds", type=float, default=20, help="seconds of DELETEs with nothing to prune (default 20)"
+    )
+    parser.add_argument(
+        "--retention-rounds", type=int, default=25, help="rounds of removals of the long run (default 25)"
+    )
+    parser.add_argument(
+        "--retention-removals", type=int, default=2000, help="removals per round of the long run (default 2000)"
+    )
+    parser.add_argument(
+        "--short-retention",
+        type=float,
+        default=5,
+        help="JOB_RETENTION_SECONDS of the service of the long run (default 5)",
     )
     parser.add_argument(
         "--profile",
@@ -250,19 +274,35 @@ async def run(args: argparse.Namespace) -> None:
         limit_per_second = statistics.median(limits)
         report(f"baseline INSERTs per second, median of {args.rounds}: {limit_per_second:.0f}/s")
 
-        # The default AGENT_CONCURRENCY (64) would send a 200-host fan-out in waves of 64.
-        settings = {"AGENT_CONCURRENCY": str(max(256, args.fanout_hosts)), **pki.service_settings()}
-        service = await stack.enter_async_context(
-            service_process(
-                database_url, Path(tempfile.gettempdir()), name=f"vtpm-bench-service-{os.getpid()}", **settings
-            )
-        )
         report()
         report(
-            f"service: python {' '.join(service.args)} with "
-            + " ".join(f"{k}={v}" for k, v in settings.items())
-            + f" (log: {service.log_path})"
+            f"== 6. table sizes over a long run: {args.retention_rounds} rounds of {args.retention_removals} removals "
+            f"back to back, {args.concurrency} in flight, a service of its own with "
+            f"JOB_RETENTION_SECONDS={args.short_retention:g}"
         )
+        async with serving(database_url, "short-retention", JOB_RETENTION_SECONDS=f"{args.short_retention:g}") as short:
+            sizes = await long_run_table_sizes(
+                http,
+                database,
+                seeder,
+                short.url,
+                hosts=fast_hosts,
+                retention_seconds=args.short_retention,
+                rounds=args.retention_rounds,
+                removals=args.retention_removals,
+                concurrency=args.concurrency,
+            )
+        report("removals so far: " + ", ".join(f"{table} rows" for table in RETAINED_TABLES) + ", MB on disk")
+        for size in sizes:
+            report(
+                f"{size.removals:>7}: "
+                + ", ".join(str(size.rows[table]) for table in RETAINED_TABLES)
+                + f", {size.total_bytes / 1024 / 1024:.1f} MB"
+            )
+
+        # The default AGENT_CONCURRENCY (64) would send a 200-host fan-out in waves of 64.
+        settings = {"AGENT_CONCURRENCY": str(max(256, args.fanout_hosts)), **pki.service_settings()}
+        service = await stack.enter_async_context(serving(database_url, "service", **settings))
 
         fan_out_ratios = {}
         for transport in (PLAIN, TLS):
@@ -353,6 +393,53 @@ async def run(args: argparse.Namespace) -> None:
         report(f"== 4. memory: service RSS before and after {args.memory_removals} more removals")
         memory_vms = await seeder.vms(two_host_layouts(fast_hosts, args.memory_removals))
         await measure_memory(http, database, service, memory_vms, args.concurrency)
+
+        report()
+        report(
+            f"== 5. retention: {args.prune_jobs} finished jobs (seeded, then the tables vacuumed) pass "
+            f"JOB_RETENTION_SECONDS (default, 7 days) at once, while DELETEs go on at {args.prune_rate:g}/s "
+            f"(open loop; the {args.prune_quiet_seconds:g} s of them before, with nothing to prune, for comparison)"
+        )
+        prune = await prune_backlog_run(
+            http,
+            database,
+            seeder,
+            service.url,
+            hosts=fast_hosts,
+            jobs=args.prune_jobs,
+            retention_seconds=DEFAULT_RETENTION_SECONDS,
+            per_second=args.prune_rate,
+            quiet_seconds=args.prune_quiet_seconds,
+            longest_prune_seconds=max(120.0, args.prune_jobs / 500),
+        )
+        report(
+            f"seeded {prune.jobs} jobs (2 host outcomes, 3 planned files, 3 confirmations, 3 ledger rows each) in one "
+            f"INSERT ... SELECT generate_series: {prune.seed_seconds:.1f} s"
+        )
+        report(
+            f"pruned them all {prune.prune_seconds:.1f} s after they were due = {prune.jobs / prune.prune_seconds:.0f} "
+            "jobs/s (the first batch waits for the worker's next idle check, up to WORKER_POLL_SECONDS)"
+        )
+        report(describe_load("DELETEs with nothing to prune", prune.quiet))
+        report(describe_load("DELETEs while pruning", prune.pruning))
+        if prune.ran_out:
+            report(f"(the DELETEs ran out of VMs after {prune.pruning.ended - prune.pruning.started:.0f} s)")
+        p99_ratio = prune.pruning.latency_ms(0.99) / prune.quiet.latency_ms(0.99)
+        report(f"DELETE p99 while pruning / without: {p99_ratio:.2f} (goal <= {GOAL_PRUNE_P99_RATIO})")
+
+
+@asynccontextmanager
+async def serving(database_url: str, name: str, **settings: str) -> AsyncIterator[LocalProcess]:
+    """`python -m app serve` on a free port against the benchmark database, with these settings, for the block."""
+    async with service_process(
+        database_url, Path(tempfile.gettempdir()), name=f"vtpm-bench-{name}-{os.getpid()}", **settings
+    ) as server:
+        report(
+            f"{name}: python {' '.join(server.args)} with "
+            + " ".join(f"{k}={v}" for k, v in settings.items())
+            + f" (log: {server.log_path})"
+        )
+        yield server
 
 
 async def agent_calls_alone(urls: list[str], root: Path, runs: int, *options: str) -> dict[str, Any]:

@@ -63,3 +63,32 @@ async def send_all(session: aiohttp.ClientSession, method: str, urls: Sequence[s
     await asyncio.gather(*(sender() for _ in range(concurrency)))
     result.ended = time.time()
     return result
+
+
+async def send_at_rate(
+    session: aiohttp.ClientSession, method: str, urls: Sequence[str], *, per_second: float, until: asyncio.Event
+) -> LoadResult:
+    """Send `method` to the URLs at a fixed rate, whatever the answers take (an open loop), until `until` is set or
+    the URLs run out; wait for the answers. Each latency runs from when its request was due, so that a slow answer
+    that holds up the ones after it counts against them too (no coordinated omission)."""
+    result = LoadResult(started=time.time(), ended=0.0)
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def send(url: str, due: float) -> None:
+        async with session.request(method, url) as answer:
+            await answer.read()
+        result.latencies.append(time.perf_counter() - due)
+        result.statuses[answer.status] += 1
+
+    first = time.perf_counter()
+    for index, url in enumerate(urls):
+        due = first + index / per_second
+        if until.is_set():
+            break
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        task = asyncio.create_task(send(url, due))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    await asyncio.gather(*in_flight)
+    result.ended = time.time()
+    return result

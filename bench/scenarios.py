@@ -94,9 +94,7 @@ async def removal_run(
     )
     if accepted.statuses[202] != len(vm_uuids):
         raise RuntimeError(f"DELETEs answered {dict(accepted.statuses)}, expected 202 for all {len(vm_uuids)}")
-    # Watching the database (one cheap count on the partial index of active jobs) costs the service nothing.
-    while await database.fetchval("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"):
-        await asyncio.sleep(_POLL_SECONDS)
+    await no_job_active(database)
     succeeded, finished_at = await database.fetchrow(
         "SELECT count(*) FILTER (WHERE state = 'succeeded'), max(finished_at) FROM jobs WHERE vm_uuid = ANY($1)",
         vm_uuids,
@@ -104,6 +102,13 @@ async def removal_run(
     if succeeded != len(vm_uuids):
         raise RuntimeError(f"only {succeeded} of {len(vm_uuids)} jobs succeeded")
     return RemovalRun(accepted, succeeded, finished_at.timestamp())
+
+
+async def no_job_active(database: asyncpg.Connection) -> None:
+    """Return once no job is queued or running."""
+    # Watching the database (one cheap count on the partial index of active jobs) costs the service nothing.
+    while await database.fetchval("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"):
+        await asyncio.sleep(_POLL_SECONDS)
 
 
 async def baseline_run(session: aiohttp.ClientSession, base_url: str, requests: int, *, concurrency: int) -> LoadResult:

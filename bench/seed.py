@@ -1,7 +1,8 @@
 """Bulk inventory for the benchmark, written with a few set-based SQL statements instead of the API.
 
 The benchmark measures removals, so only DELETEs go through HTTP; hosts, VMs, TPMs (with a key binding)
-and host files (with their ledger entries, as the API records them) go straight into the database.
+and host files (with their ledger entries, as the API records them) go straight into the database, and so do the
+finished jobs that the retention figure prunes.
 """
 
 import uuid
@@ -15,6 +16,33 @@ from app.service.db.engine import asyncpg_dsn
 
 # Rows per statement: large enough to be quick, small enough to keep each statement's arrays modest.
 _CHUNK_VMS = 5000
+
+
+_FINISHED_JOBS = """
+WITH job AS (
+    INSERT INTO jobs (id, type, vm_uuid, tpm_uuid, state, created_at, started_at, finished_at, planned, attempts)
+    SELECT gen_random_uuid(), 'remove-tpm', $1, gen_random_uuid(), 'succeeded', ended, ended, ended, true, 1
+    FROM generate_series(1, $4::int), LATERAL (SELECT now() - $5::float8 * interval '1 second' AS ended) AS at
+    RETURNING id, finished_at
+), outcome AS (
+    INSERT INTO job_hosts (job_id, host_uuid, files, state)
+    SELECT job.id, host.uuid, host.files, 'deleted' FROM job, (VALUES ($2::uuid, 2), ($3::uuid, 1)) AS host(uuid, files)
+), planned AS (
+    INSERT INTO job_files (job_id, file_uuid, host_uuid, path, type)
+    SELECT job.id, gen_random_uuid(), file.host, '/var/lib/libvirt/swtpm/' || job.id || file.name, file.type
+    FROM job, (
+        VALUES ($2::uuid, '', 'TpmState'), ($2::uuid, '.fd', 'NvRam'), ($3::uuid, '.snapshot-backup', 'TpmState')
+    ) AS file(host, name, type)
+    RETURNING job_id, file_uuid, host_uuid, path
+), confirmed AS (
+    INSERT INTO confirmed_deletions (file_uuid, host_uuid, path, job_id, confirmed_at)
+    SELECT planned.file_uuid, planned.host_uuid, planned.path, planned.job_id, job.finished_at
+    FROM planned JOIN job ON job.id = planned.job_id
+)
+INSERT INTO file_ledger (file_uuid, vm_uuid, host_uuid, path, recorded_at)
+SELECT planned.file_uuid, $1, planned.host_uuid, planned.path, job.finished_at
+FROM planned JOIN job ON job.id = planned.job_id
+"""
 
 
 @dataclass(frozen=True)
@@ -52,6 +80,16 @@ class Seeder:
             list(agent_urls),
         )
         return uuids
+
+    async def finished_jobs(
+        self, vm_uuid: uuid.UUID, hosts: Sequence[uuid.UUID], count: int, age_seconds: float
+    ) -> None:
+        """`count` succeeded removals of one VM that finished `age_seconds` ago, each with what a removal of three
+        files on two hosts leaves (two host outcomes, three planned files, their confirmations and ledger rows), in
+        one INSERT ... SELECT over generate_series. Triggers are off for it (superuser only): no NOTIFY per job."""
+        async with self._connection.transaction():
+            await self._connection.execute("SET LOCAL session_replication_role = replica")
+            await self._connection.execute(_FINISHED_JOBS, vm_uuid, hosts[0], hosts[1], count, age_seconds)
 
     async def vms(self, layouts: Sequence[Sequence[FileSpec]]) -> list[uuid.UUID]:
         """One VM per layout, without secure boot, each with a TPM, a key binding and its layout's files."""

@@ -49,7 +49,7 @@ async def test_unknown_route_is_404_problem(client: httpx.AsyncClient) -> None:
     assert body["title"] == HTTPStatus(404).phrase
 
 
-@pytest.mark.parametrize(("method", "path"), [("DELETE", "/hosts/{}"), ("POST", "/vms/{}"), ("PUT", "/healthz")])
+@pytest.mark.parametrize(("method", "path"), [("PATCH", "/hosts/{}"), ("POST", "/vms/{}"), ("PUT", "/healthz")])
 async def test_wrong_method_is_405_problem_with_allow(client: httpx.AsyncClient, method: str, path: str) -> None:
     answer = await client.request(method, path.format(uuid.uuid4()))
     body = assert_problem(answer, 405)

@@ -42,6 +42,7 @@ async def test_each_job_goes_to_the_handler_of_its_type_and_an_unknown_type_fail
         reaper,
         state.notifications,
         lease_seconds=30,
+        retention_seconds=604800,
         poll_seconds=0.1,
         max_jobs=4,
         max_failures=5,

@@ -1,4 +1,4 @@
-"""The operator commands (`remove`, `delete-vm`, `jobs`, `orphans`) against a real `python -m app serve` process."""
+"""The operator commands (`remove`, `delete-vm`, `jobs`, `orphans`, `decommission`) against a real `serve` process."""
 
 import asyncio
 import json
@@ -46,10 +46,11 @@ async def api(service: LocalProcess) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def run_cli(*args: str, url: str, token: str | None = API_TOKEN) -> Result:
-    """Run a command of `python -m app` in a thread, so that agents on this test's loop keep answering."""
+async def run_cli(*args: str, url: str, token: str | None = API_TOKEN, answer: str | None = None) -> Result:
+    """Run a command of `python -m app` in a thread, so that agents on this test's loop keep answering; `answer` is
+    what the operator types at its prompts."""
     env = {"VTPM_URL": url, "API_TOKEN": token or ""}
-    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=env)
+    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=env, input=answer)
 
 
 async def seed_vm(api: httpx.AsyncClient, roots: dict[str, Path]) -> tuple[str, dict[str, str], list[Path]]:
@@ -228,3 +229,57 @@ async def test_the_service_process_logs_json_lines_with_request_ids_and_never_th
     assert API_TOKEN not in text and "wrong-token-in-log-check" not in text
     lines = [json.loads(line) for line in text.splitlines()]
     assert any(line.get("request_id") == "cli-log-check-1" for line in lines), text[-2000:]
+
+
+async def test_decommission_lists_what_it_would_abandon_and_asks_first(
+    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    vm, hosts, files = await seed_vm(api, {closed_port_url(): tmp_path})
+    (host,) = hosts.values()
+    assert (await run_cli("remove", vm, "--wait", url=service.url)).exit_code == EXIT_ORPHANS
+
+    declined = await run_cli("decommission", host, "--abandon-orphans", url=service.url, answer="n\n")
+
+    assert declined.exit_code == EXIT_FAILED, declined.output
+    assert "Orphan files that would be abandoned" in declined.stdout
+    assert all(str(f) in declined.stdout for f in files)
+    assert f"abandon its {len(files)} orphan files?" in declined.stdout
+    assert "nothing changed" in declined.stderr
+    assert (await api.get(f"/hosts/{host}")).status_code == 200
+    assert len((await api.get("/orphan-files", params={"host_uuid": host})).json()) == len(files)
+
+    accepted = await run_cli("decommission", host, "--abandon-orphans", url=service.url, answer="y\n")
+
+    assert accepted.exit_code == EXIT_SUCCEEDED, accepted.output
+    assert f"host {host} removed; {len(files)} files abandoned" in accepted.stdout
+    assert (await api.get(f"/hosts/{host}")).status_code == 404
+    abandoned = (await api.get("/abandoned-files", params={"host_uuid": host})).json()
+    assert sorted(a["path"] for a in abandoned) == sorted(str(f) for f in files)
+
+
+async def test_decommission_yes_json_removes_an_empty_host_without_asking(
+    service: LocalProcess, api: httpx.AsyncClient
+) -> None:
+    host = await put_host(api, closed_port_url())
+
+    result = await run_cli("decommission", host, "--yes", "--json", url=service.url)
+
+    assert result.exit_code == EXIT_SUCCEEDED, result.output
+    assert json.loads(result.stdout) == {"host_uuid": host, "removed": True, "abandoned_files": []}
+    assert (await api.get(f"/hosts/{host}")).status_code == 404
+
+
+async def test_decommission_refused_exits_1_with_the_services_reason(
+    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    _, hosts, _ = await seed_vm(api, {closed_port_url(): tmp_path})
+    (host,) = hosts.values()
+
+    with_records = await run_cli("decommission", host, "--abandon-orphans", "--yes", url=service.url)
+    unknown = await run_cli("decommission", str(uuid.uuid4()), url=service.url, answer="y\n")
+
+    assert with_records.exit_code == EXIT_FAILED
+    assert "409" in with_records.stderr and "3 host-file record(s)" in with_records.stderr
+    assert (await api.get(f"/hosts/{host}")).status_code == 200
+    assert unknown.exit_code == EXIT_FAILED
+    assert "404" in unknown.stderr and "?" not in unknown.stdout

@@ -68,6 +68,8 @@ async def test_malformed_host_uuid_of_a_file_is_422(client: httpx.AsyncClient, b
         "http://" + "h" * 2048,
         "http://kvm\x00-1:8100",
         "http://kvm-1:8100/\x00",
+        "https://[0]",
+        "http://[1::2::3]:8100",
     ],
     ids=repr,
 )
@@ -77,7 +79,9 @@ async def test_agent_url_must_be_http_with_a_host(client: httpx.AsyncClient, age
     assert_problem(await client.get(f"/hosts/{host_uuid}"), 404)
 
 
-@pytest.mark.parametrize("agent_url", ["http://kvm-1:8100", "https://10.0.0.5", "http://[::1]:8100/agent"])
+@pytest.mark.parametrize(
+    "agent_url", ["http://kvm-1:8100", "https://10.0.0.5", "http://[::1]:8100/agent", "https://[::ffff:10.0.0.5]"]
+)
 async def test_agent_url_accepts_http_and_https(client: httpx.AsyncClient, agent_url: str) -> None:
     answer = await client.put(f"/hosts/{uuid.uuid4()}", json={"name": "kvm", "agent_url": agent_url})
     assert answer.status_code == 201, answer.text

@@ -1,5 +1,5 @@
 """Operator commands that talk to a running service over HTTP: remove a TPM or delete a VM and follow the job, list
-jobs and orphans.
+jobs and orphans, decommission a host.
 
 They are registered on the same typer app as `serve` (see app/service/commands.py), reach the service at `--url`
 (env VTPM_URL) with `--token` (env API_TOKEN), and print rich tables and progress for people, or JSON
@@ -7,6 +7,7 @@ with `--json` for scripts.
 """
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -309,6 +310,61 @@ def list_orphans(
     out.print(table if rows else "No orphan files.")
 
 
+def decommission_host(
+    host_uuid: Annotated[UUID, typer.Argument(help="The host to remove", show_default=False)],
+    abandon_orphans: Annotated[
+        bool,
+        typer.Option("--abandon-orphans", help="Remove it even with orphan files on it, abandoning them"),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Remove a host from the inventory, once no VM has a host-file record on it and no orphan file waits on it.
+
+    With --abandon-orphans a host that is gone for good is removed with its orphan files: they move to the abandoned
+    files (GET /abandoned-files), which the service never retries nor deletes; clean that disk by hand. The files that
+    would be abandoned are listed first, and the command asks before it goes on, unless --yes.
+
+    Exit status: 0 the host is removed; 1 it was not (the service refused: records or orphans are on it, or it is
+    unknown; the answer was no; or the service could not be reached).
+    """
+    with service_client(url, token) as client:
+        call(client, "GET", f"/hosts/{host_uuid}")
+        orphans_query = {"host_uuid": str(host_uuid)}
+        question = f"Remove host {host_uuid}?"
+        if abandon_orphans:
+            orphans = fetch_all(client, "/orphan-files", orphans_query, sys.maxsize)
+            if not json_output:
+                _print_would_abandon(orphans)
+            question = f"Remove host {host_uuid} and abandon its {len(orphans)} orphan files?"
+        if not yes and not typer.confirm(question, err=json_output):
+            err.print("Not removed; nothing changed.")
+            raise typer.Exit(EXIT_FAILED)
+        call(client, "DELETE", f"/hosts/{host_uuid}", params={"abandon_orphans": str(abandon_orphans).lower()})
+        # What was abandoned, read back: an orphan that appeared after the listing went with the others.
+        abandoned = fetch_all(client, "/abandoned-files", orphans_query, sys.maxsize) if abandon_orphans else []
+    if json_output:
+        print_json({"host_uuid": str(host_uuid), "removed": True, "abandoned_files": abandoned})
+        return
+    line = f"host {host_uuid} removed"
+    if abandoned:
+        line += f"; {len(abandoned)} files abandoned on it (see GET /abandoned-files?host_uuid={host_uuid})"
+    out.print(line, highlight=False)
+
+
+def _print_would_abandon(orphans: list[dict[str, Any]]) -> None:
+    # One whole line per file, not a table that wraps paths: they are what the operator will clean by hand.
+    out.print(f"Orphan files that would be abandoned ({len(orphans)}):" if orphans else "No orphan files.")
+    for orphan in orphans:
+        out.print(
+            f"  {escape(orphan['path'])}  [dim]{orphan['type']}, VM {orphan['vm_uuid']}, {orphan['attempts']} "
+            f"attempts, last error: {escape(orphan['last_error'] or '-')}[/dim]",
+            highlight=False,
+        )
+
+
 def _when(value: str) -> str:
     """An RFC 3339 time as `YYYY-MM-DD HH:MM:SS` (UTC), short enough for a table column."""
     return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
@@ -320,3 +376,4 @@ def register(cli: typer.Typer) -> None:
     cli.command("delete-vm", epilog=EXIT_STATUS_HELP)(delete_vm)
     cli.command("jobs")(list_jobs)
     cli.command("orphans")(list_orphans)
+    cli.command("decommission")(decommission_host)

@@ -1,11 +1,12 @@
 """The audit: checks from the database alone that no host file the service ever recorded was forgotten.
 
-The invariant: every file in `file_ledger` (append-only, one row per file ever recorded) is still
-recorded (`host_files`), confirmed deleted by its host (`confirmed_deletions`, append-only), or an orphan
-that is being retried (`orphan_files`). Consistency checks around it catch states no correct sequence of
-steps can reach (a file both confirmed gone and still an orphan, a succeeded job whose TPM is still
-there). A job left running under a lease that ran out long ago is only a warning: it means no live
-process is taking jobs up, not that anything was lost.
+The invariant: every file in `file_ledger` (one row per file ever recorded) is in exactly one of four states:
+still recorded (`host_files`, live), confirmed deleted by its host (`confirmed_deletions`), an orphan that is being
+retried (`orphan_files`), or abandoned with its decommissioned host (`abandoned_files`). Job retention prunes a
+confirmation with its job, and the ledger row of the file it confirms with it: a file confirmed gone may leave the
+ledger, no other may. Consistency checks around it catch states no correct sequence of steps can reach (a file both
+confirmed gone and still an orphan, a succeeded job whose TPM is still there). A job left running under a lease
+that ran out long ago is only a warning: it means no live process is taking jobs up, not that anything was lost.
 
 `python -m app audit` prints the report and exits 1 when a violation is found; the fault tests run it
 at their end.
@@ -42,7 +43,7 @@ _CHECKS = (
     _Check(
         "forgotten_files",
         "violation",
-        "files the service recorded that are neither still recorded, confirmed deleted, nor orphans",
+        "files the service recorded that are neither still recorded, confirmed deleted, orphans, nor abandoned",
         f"""
         SELECT l.file_uuid, l.vm_uuid, l.host_uuid, l.path, count(*) OVER () AS total
         FROM file_ledger l
@@ -50,7 +51,39 @@ _CHECKS = (
           AND NOT EXISTS (SELECT 1 FROM host_files h WHERE h.uuid = l.file_uuid)
           AND NOT EXISTS (SELECT 1 FROM confirmed_deletions c WHERE c.file_uuid = l.file_uuid)
           AND NOT EXISTS (SELECT 1 FROM orphan_files o WHERE o.uuid = l.file_uuid)
+          AND NOT EXISTS (SELECT 1 FROM abandoned_files a WHERE a.uuid = l.file_uuid)
         ORDER BY l.recorded_at, l.file_uuid
+        """,
+    ),
+    _Check(
+        "abandoned_and_tracked",
+        "violation",
+        "abandoned files that are also recorded, orphans, or confirmed deleted (a file is in one state only)",
+        f"""
+        SELECT a.uuid AS file_uuid, a.vm_uuid, a.host_uuid, a.path, count(*) OVER () AS total
+        FROM abandoned_files a
+        WHERE {_ANY_VM.format(column="a.vm_uuid")}
+          AND (EXISTS (SELECT 1 FROM host_files h WHERE h.uuid = a.uuid)
+               OR EXISTS (SELECT 1 FROM orphan_files o WHERE o.uuid = a.uuid)
+               OR EXISTS (SELECT 1 FROM confirmed_deletions c WHERE c.file_uuid = a.uuid))
+        ORDER BY a.uuid
+        """,
+    ),
+    _Check(
+        "unledgered_files",
+        "violation",
+        "live, orphan or abandoned files missing from the ledger (e.g. retention pruned the ledger row of a file that "
+        "may still be on its host)",
+        f"""
+        SELECT f.uuid AS file_uuid, f.vm_uuid, f.host_uuid, f.path, f.state, count(*) OVER () AS total
+        FROM (
+            SELECT uuid, vm_uuid, host_uuid, path, 'live' AS state FROM host_files
+            UNION ALL SELECT uuid, vm_uuid, host_uuid, path, 'orphan' FROM orphan_files
+            UNION ALL SELECT uuid, vm_uuid, host_uuid, path, 'abandoned' FROM abandoned_files
+        ) f
+        WHERE {_ANY_VM.format(column="f.vm_uuid")}
+          AND NOT EXISTS (SELECT 1 FROM file_ledger l WHERE l.file_uuid = f.uuid)
+        ORDER BY f.uuid
         """,
     ),
     _Check(
@@ -162,11 +195,25 @@ class CheckResult:
     examples: list[dict[str, Any]]
 
 
+# How many of the ledger's files are in each of the four states; with no violation they add up to the ledger.
+_STATES_SQL = f"""
+SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM host_files h WHERE h.uuid = l.file_uuid)) AS live,
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM confirmed_deletions c WHERE c.file_uuid = l.file_uuid))
+           AS confirmed,
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM orphan_files o WHERE o.uuid = l.file_uuid)) AS orphan,
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM abandoned_files a WHERE a.uuid = l.file_uuid)) AS abandoned
+FROM file_ledger l
+WHERE {_ANY_VM.format(column="l.vm_uuid")}
+"""
+
+
 @dataclass(frozen=True)
 class AuditReport:
     """The audit's findings over the ledger of every recorded file (or the files of some VMs)."""
 
     ledger_files: int
+    states: dict[str, int] = field(default_factory=dict)
+    """How many ledger files are live, confirmed (deleted), orphan and abandoned."""
     checks: list[CheckResult] = field(default_factory=list)
 
     @property
@@ -192,7 +239,8 @@ class AuditReport:
         """The report as lines for people (and for test failure messages)."""
         lines = [
             f"audit: {self.ledger_files} files in the ledger; "
-            f"{len(self.violations)} violation(s), {len(self.warnings)} warning(s)"
+            f"{len(self.violations)} violation(s), {len(self.warnings)} warning(s)",
+            "  files by state: " + ", ".join(f"{count} {state}" for state, count in self.states.items()),
         ]
         for check in self.checks:
             status = "ok" if not check.count else check.severity.upper()
@@ -223,6 +271,7 @@ async def audit(
     ledger_files = await session.scalar(
         text(f"SELECT count(*) FROM file_ledger WHERE {_ANY_VM.format(column='vm_uuid')}"), params
     )
+    states = dict((await session.execute(text(_STATES_SQL), params)).mappings().one())
     results = []
     for check in _CHECKS:
         rows = [dict(row) for row in (await session.execute(text(check.sql + " LIMIT :limit"), params)).mappings()]
@@ -231,7 +280,7 @@ async def audit(
             del row["total"]
         results.append(CheckResult(check.name, check.severity, check.description, count, rows))
     await session.rollback()
-    return AuditReport(ledger_files or 0, results)
+    return AuditReport(ledger_files or 0, states, results)
 
 
 async def audit_database(

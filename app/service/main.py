@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.service.agent_client import AgentClient, agent_session, agent_ssl_context
-from app.service.api import health, hosts, jobs, orphans, tpm, vms
+from app.service.api import abandoned, health, hosts, jobs, orphans, tpm, vms
 from app.service.api.deps import require_token
 from app.service.api.docs import add_offline_docs
 from app.service.api.errors import install_error_handlers, problem_responses
@@ -93,6 +93,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ),
         notifications,
         lease_seconds=settings.job_lease_seconds,
+        retention_seconds=settings.job_retention_seconds,
         poll_seconds=settings.worker_poll_seconds,
         max_jobs=settings.worker_max_jobs,
         max_failures=settings.job_max_failures,
@@ -175,7 +176,7 @@ def create_app(
     app.include_router(health.router)
     add_offline_docs(app)
     protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 403, 503))
-    for module in (hosts, vms, tpm, jobs, orphans):
+    for module in (hosts, vms, tpm, jobs, orphans, abandoned):
         protected.include_router(module.router)
     app.include_router(protected)
     return app

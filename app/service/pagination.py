@@ -12,6 +12,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 from uuid import UUID
 
+from sqlalchemy import Select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
+
 from app.service.errors import ServiceError
 
 T = TypeVar("T")
@@ -80,3 +84,18 @@ def page_of(rows: list[T], limit: int, cursor: Callable[[T], str]) -> Page[T]:
     if len(rows) > limit:
         return Page(rows[:limit], cursor(rows[limit - 1]))
     return Page(rows, None)
+
+
+async def page_by_uuid(
+    session: AsyncSession,
+    statement: Select[T],
+    key: InstrumentedAttribute[UUID],
+    *,
+    limit: int,
+    after: str | None,
+) -> Page[T]:
+    """A page of the rows `statement` selects, in the order of their UUID column `key`, from the cursor `after` on."""
+    statement = statement.order_by(key).limit(limit + 1)
+    if after is not None:
+        statement = statement.where(key > after_uuid(after))
+    return page_of(list(await session.scalars(statement)), limit, lambda row: uuid_cursor(getattr(row, key.key)))

@@ -30,7 +30,25 @@ def _check_no_nul(value: str) -> str:
 # is enforced (pydantic checks `pattern` itself). They are written in the subset that ECMA-262 (JSON Schema),
 # Rust's regex (pydantic) and Python's re share: no lookaround.
 _HOST_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
-_IPV6_HOST = r"\[[0-9A-Fa-f:.]+\]"
+# An IPv6 address as RFC 3986 spells it (IPv6address), so that every URL the pattern lets in parses as one
+# (Python's urlsplit, and the clients of this API, refuse a bracketed host that is no address).
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_LS32 = rf"(?:{_H16}:{_H16}|{_OCTET}(?:\.{_OCTET}){{3}})"
+_IPV6 = "|".join(
+    (
+        rf"(?:{_H16}:){{6}}{_LS32}",
+        rf"::(?:{_H16}:){{5}}{_LS32}",
+        rf"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}",
+        rf"(?:(?:{_H16}:){{0,4}}{_H16})?::{_LS32}",
+        rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
+        rf"(?:(?:{_H16}:){{0,6}}{_H16})?::",
+    )
+)
+_IPV6_HOST = rf"\[(?:{_IPV6})\]"
 _PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 # Unreserved characters, sub-delimiters, ':', '@', '%' and '/' (RFC 3986): no query, no fragment.
 _URL_PATH = r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*"
@@ -227,6 +245,19 @@ class OrphanFileOut(BaseModel):
     attempts: int
     last_error: str | None
     next_attempt_at: UtcTime
+
+
+class AbandonedFileOut(BaseModel):
+    """An orphan file of a decommissioned host: never retried nor deleted; it may still be on that disk."""
+
+    uuid: UUID
+    host_uuid: UUID
+    vm_uuid: UUID
+    path: str
+    type: FileType
+    attempts: int
+    last_error: str | None
+    abandoned_at: UtcTime
 
 
 class Problem(BaseModel):

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     # Backoff of orphan retries doubles from orphan_retry_seconds up to this cap.
     orphan_retry_max_seconds: float = Field(default=3600.0, gt=0)
     job_lease_seconds: float = Field(default=30.0, gt=0)
+    # How long a finished job stays readable after its finished_at; then the worker prunes it.
+    job_retention_seconds: float = Field(default=604800.0, ge=0)
     # How long a stopping process lets its running jobs go on before it hands them back to the queue;
     # unset: AGENT_TIMEOUT_SECONDS + 2 s, so that agent calls in flight can end by themselves.
     shutdown_grace_seconds: float | None = Field(default=None, ge=0)

@@ -1,13 +1,18 @@
 """Routes of /hosts: the KVM hosts and their agents."""
 
+import logging
+from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 
 from app.service.api.deps import SessionDep
 from app.service.api.errors import problem_responses
 from app.service.inventory import service as inventory
+from app.service.inventory.decommission import delete_host
 from app.service.schemas import HostIn, HostOut
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/hosts", tags=["inventory"])
 
@@ -32,3 +37,28 @@ async def get_host(host_uuid: UUID, session: SessionDep) -> HostOut:
     async with session.begin():
         host = await inventory.get_host(session, host_uuid)
     return HostOut.model_validate(host, from_attributes=True)
+
+
+@router.delete(
+    "/{host_uuid}",
+    status_code=204,
+    summary="Decommission a host",
+    description=(
+        "204 once nothing is left on the host; 409 while any VM has a host-file record on it, or any orphan file "
+        "waits on it. With `abandon_orphans=true` a host that is gone for good is removed with its orphan files: "
+        "they move to `GET /abandoned-files`, where they are never retried nor deleted, for an operator to clean "
+        "that disk by hand. Host-file records block it still."
+    ),
+    responses=problem_responses(404, 409, 422),
+)
+async def decommission_host(
+    host_uuid: UUID,
+    session: SessionDep,
+    abandon_orphans: Annotated[
+        bool, Query(description="Remove the host even with orphan files on it, abandoning them")
+    ] = False,
+) -> Response:
+    async with session.begin():
+        abandoned = await delete_host(session, host_uuid, abandon_orphans=abandon_orphans)
+    log.info("host decommissioned", extra={"host_uuid": str(host_uuid), "abandoned_files": abandoned})
+    return Response(status_code=204)

@@ -1,9 +1,10 @@
 """The database tables of the service.
 
 Inventory (hosts, VMs, TPMs, key bindings, host files) is filled by the systems that own hosts and VMs.
-Jobs, their per-host outcomes and their planned files are the durable removal queue. Orphan files and
-the two append-only ledgers (every file ever recorded, every deletion a host confirmed) are what makes
-"no file is ever forgotten" checkable by `python -m app audit`.
+Jobs, their per-host outcomes and their planned files are the durable removal queue. Orphan files, abandoned
+files and the two ledgers (every file recorded, every deletion a host confirmed) are what makes "no file is ever
+forgotten" checkable by `python -m app audit`. The ledgers only grow, but for what retention prunes with a job:
+its confirmations, and the ledger rows of the files they confirm.
 """
 
 from datetime import datetime
@@ -29,6 +30,7 @@ from app.protocol import FILE_TYPES
 
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 ACTIVE_JOB_STATES = ("queued", "running")
+FINISHED_JOB_STATES = ("succeeded", "failed")
 HOST_STATES = ("pending", "deleted", "failed")
 
 
@@ -115,7 +117,8 @@ class HostFile(Base):
 
 
 class FileLedger(Base):
-    """Append-only: every host file the service ever recorded, kept after its record is deleted."""
+    """Every host file the service recorded, kept after its record is deleted until its deletion is confirmed by
+    a job that retention prunes."""
 
     __tablename__ = "file_ledger"
 
@@ -127,9 +130,11 @@ class FileLedger(Base):
 
 
 class ConfirmedDeletion(Base):
-    """Append-only: a host confirmed that a file is gone (deleted or already missing)."""
+    """A host confirmed that a file is gone (deleted or already missing); pruned with its job."""
 
     __tablename__ = "confirmed_deletions"
+    # Retention deletes a pruned job's confirmations by job.
+    __table_args__ = (Index("ix_confirmed_deletions_job_id", "job_id"),)
 
     file_uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
     host_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
@@ -155,6 +160,12 @@ class Job(Base):
         ),
         Index("ix_jobs_vm_uuid_created_at", "vm_uuid", "created_at"),
         Index("ix_jobs_created_at", "created_at"),
+        # Retention scans only finished jobs, oldest finished first.
+        Index(
+            "ix_jobs_finished_at",
+            "finished_at",
+            postgresql_where=text(_in("state", FINISHED_JOB_STATES)),
+        ),
         # The claim query scans only active jobs, oldest first.
         Index(
             "ix_jobs_claimable",
@@ -233,3 +244,22 @@ class OrphanFile(Base):
     # Fencing of the reaper: a claim draws a token and pushes next_attempt_at past the call's end.
     claim_token: Mapped[UUID | None] = mapped_column(Uuid)
     created_at: Mapped[datetime] = _created_at()
+
+
+class AbandonedFile(Base):
+    """A former orphan of a decommissioned host: never retried, never deleted, left for an operator to clean."""
+
+    __tablename__ = "abandoned_files"
+    __table_args__ = (Index("ix_abandoned_files_host_uuid", "host_uuid", "uuid"),)
+
+    uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    # No foreign key: the host is gone; its UUID still says which disk to look at. Nor a check of the type: every
+    # row is an orphan's, whose type was checked.
+    host_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    vm_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    job_id: Mapped[UUID | None] = mapped_column(Uuid)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    type: Mapped[str] = mapped_column(String(16), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    abandoned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)

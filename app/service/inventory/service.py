@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.service.db.models import ACTIVE_JOB_STATES, FileLedger, Host, HostFile, Job, OrphanFile, Tpm, TpmKeyBinding, Vm
 from app.service.errors import ConflictError, NotFoundError
-from app.service.pagination import Page, after_uuid, page_of, uuid_cursor
+from app.service.pagination import Page, page_by_uuid
 from app.service.schemas import HostFileIn, HostIn, TpmIn, VmIn
 
 # PostgreSQL's xmax is 0 only on a row the statement inserted (not on one ON CONFLICT updated).
@@ -36,9 +36,16 @@ async def put_host(session: AsyncSession, host_uuid: UUID, body: HostIn) -> tupl
     return await _put(session, Host, host_uuid, body.model_dump())
 
 
-async def get_host(session: AsyncSession, host_uuid: UUID) -> Host:
-    """The host, or NotFoundError."""
-    host = await session.get(Host, host_uuid)
+async def get_host(session: AsyncSession, host_uuid: UUID, *, key_share: bool = False) -> Host:
+    """The host, or NotFoundError; with key_share, the host cannot be deleted until the transaction ends.
+
+    A record that points at the host takes that lock anyway (its foreign key), but only when it is written: taken
+    first, a decommission in flight is waited for and the host answers as gone, not as a failed insert.
+    """
+    statement = select(Host).where(Host.uuid == host_uuid)
+    if key_share:
+        statement = statement.with_for_update(read=True, key_share=True)
+    host = (await session.execute(statement)).scalar_one_or_none()
     if host is None:
         raise NotFoundError(f"host {host_uuid} does not exist")
     return host
@@ -128,7 +135,7 @@ async def add_host_file(session: AsyncSession, vm_uuid: UUID, body: HostFileIn) 
     ConflictError while the VM is being deleted."""
     await get_vm(session, vm_uuid, lock="share")
     await _refuse_while_deleted(session, vm_uuid)
-    await get_host(session, body.host_uuid)
+    await get_host(session, body.host_uuid, key_share=True)
     # The row lock keeps the orphan reaper (SKIP LOCKED) from claiming an orphan at this path until the new
     # record is committed, after which it leaves the path alone; a retry already in flight must end first.
     retry_in_flight = await session.scalar(
@@ -165,8 +172,5 @@ async def add_host_file(session: AsyncSession, vm_uuid: UUID, body: HostFileIn) 
 async def list_host_files(session: AsyncSession, vm_uuid: UUID, *, limit: int, after: str | None) -> Page[HostFile]:
     """A page of a VM's host files, backups included, in a stable order."""
     await get_vm(session, vm_uuid)
-    statement = select(HostFile).where(HostFile.vm_uuid == vm_uuid).order_by(HostFile.uuid).limit(limit + 1)
-    if after is not None:
-        statement = statement.where(HostFile.uuid > after_uuid(after))
-    rows = list(await session.scalars(statement))
-    return page_of(rows, limit, lambda f: uuid_cursor(f.uuid))
+    statement = select(HostFile).where(HostFile.vm_uuid == vm_uuid)
+    return await page_by_uuid(session, statement, HostFile.uuid, limit=limit, after=after)

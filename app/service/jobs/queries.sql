@@ -47,3 +47,27 @@ UPDATE jobs SET
     lease_expires_at = NULL
 WHERE jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running'
 RETURNING state
+
+-- prune_jobs --
+-- Retention: up to :limit jobs that finished more than :retention seconds ago, deleted with their host outcomes and
+-- planned files (ON DELETE CASCADE), their confirmations, and the ledger rows of the files those confirm: a file
+-- confirmed gone is nowhere any more. Nothing else of the ledger goes, so every file still live, orphaned or
+-- abandoned keeps its row, and orphans and abandoned files (which keep their job's id) are never touched. A job
+-- another process holds locked is skipped, and no active job is ever a candidate, so pruning waits on no one and no
+-- one waits long on it: one small batch per statement, which commits alone. Answers how many jobs went.
+WITH pruned AS (
+    DELETE FROM jobs WHERE id IN (
+        SELECT id FROM jobs
+        WHERE state IN ('succeeded', 'failed') AND finished_at < now() - :retention * interval '1 second'
+        ORDER BY finished_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id
+), confirmations AS (
+    DELETE FROM confirmed_deletions USING pruned WHERE confirmed_deletions.job_id = pruned.id
+    RETURNING confirmed_deletions.file_uuid
+), ledger AS (
+    DELETE FROM file_ledger USING confirmations WHERE file_ledger.file_uuid = confirmations.file_uuid
+)
+SELECT count(*) AS jobs FROM pruned

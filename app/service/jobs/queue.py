@@ -1,4 +1,4 @@
-"""The job table as a queue: claim with SKIP LOCKED, leases, fencing tokens, release and failure.
+"""The job table as a queue: claim with SKIP LOCKED, leases, fencing tokens, release, failure and retention.
 
 Every write a worker makes for a job it claimed is fenced: one statement whose first part updates the job
 row only while the worker's token is still the job's, renewing the lease and locking the row, and whose every
@@ -21,6 +21,7 @@ from app.service.db.queries import load_queries
 
 QUERIES = load_queries(__file__)
 _CLAIM = DriverStatement.of(text(QUERIES["claim_jobs"]))
+_PRUNE = DriverStatement.of(text(QUERIES["prune_jobs"]))
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,10 @@ async def record_job_failure(session: AsyncSession, claim: JobClaim, error: str,
     )
     state = row.scalar_one_or_none()
     return str(state) if state is not None else None
+
+
+async def prune_jobs(connection: asyncpg.Connection, *, retention_seconds: float, limit: int) -> int:
+    """Delete up to `limit` jobs finished more than `retention_seconds` ago, with their outcomes and confirmations
+    (one statement, which commits alone); how many went."""
+    (row,) = await _PRUNE.fetch(connection, {"retention": retention_seconds, "limit": limit})
+    return int(row["jobs"])

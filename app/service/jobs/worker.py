@@ -1,4 +1,4 @@
-"""The worker inside every `serve` process: claims jobs, keeps their leases, runs the orphan reaper.
+"""The worker inside every `serve` process: claims jobs, keeps their leases, runs the orphan reaper, prunes jobs.
 
 Nothing here knows what a job does: it hands each claimed job to the handler registered for the job's `type`
 (app/service/main.py registers them). Adding a job type means adding a handler, not a branch here.
@@ -16,13 +16,18 @@ from app.service.db.engine import create_session_factory, driver_connection, is_
 from app.service.db.notify import Notifications, wait_for_any
 from app.service.errors import LeaseLostError
 from app.service.jobs.lease import LeaseClock
-from app.service.jobs.queue import JobClaim, claim_jobs, record_job_failure, release_job, renew_leases
+from app.service.jobs.queue import JobClaim, claim_jobs, prune_jobs, record_job_failure, release_job, renew_leases
 from app.service.metrics import JOBS_TOTAL, refresh_gauges
 from app.service.orphans.reaper import OrphanReaper
 
 log = logging.getLogger(__name__)
 
 _GAUGE_REFRESH_SECONDS = 5.0
+# Jobs pruned per statement: small enough that each statement holds its row locks and writes its WAL for
+# milliseconds, so that a backlog (a first start with retention, a long outage) drains in small steps.
+PRUNE_BATCH_JOBS = 100
+# After a full batch, the pruner rests this many times as long as the batch took (docs/BENCHMARK.md, retention).
+PRUNE_PAUSE_FACTOR = 3.0
 
 JobHandler = Callable[[JobClaim, LeaseClock], Awaitable[int]]
 """Carries a claimed job to its end, its writes fenced by the claim; the number of orphan files it left.
@@ -40,6 +45,7 @@ class Worker:
         notifications: Notifications,
         *,
         lease_seconds: float,
+        retention_seconds: float,
         poll_seconds: float,
         max_jobs: int,
         max_failures: int,
@@ -50,6 +56,7 @@ class Worker:
         self._reaper = reaper
         self._notifications = notifications
         self._lease_seconds = lease_seconds
+        self._retention_seconds = retention_seconds
         self._poll_seconds = poll_seconds
         self._max_jobs = max_jobs
         self._max_failures = max_failures
@@ -59,11 +66,12 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        """Start claiming, renewing, reaping and gauge refreshing in the background."""
+        """Start claiming, renewing, reaping, pruning and gauge refreshing in the background."""
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="claim jobs"),
             asyncio.create_task(self._renew_loop(), name="renew leases"),
             asyncio.create_task(self._reap_loop(), name="retry orphans"),
+            asyncio.create_task(self._prune_loop(), name="prune jobs"),
             asyncio.create_task(self._gauge_loop(), name="refresh gauges"),
         ]
 
@@ -198,6 +206,29 @@ class Worker:
                 tried = 0
             if not tried:
                 await asyncio.sleep(self._poll_seconds)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                pruned = await self.prune_once()
+            except Exception as error:
+                _log_loop_error("prune jobs", error)
+                pruned = 0
+            if pruned < PRUNE_BATCH_JOBS:
+                await asyncio.sleep(self._poll_seconds)
+            else:
+                # More are due. Pausing between batches keeps a backlog's pruning to a quarter of one connection's time,
+                # and its WAL to small bursts, so that the requests and jobs meanwhile do not queue behind it.
+                await asyncio.sleep(PRUNE_PAUSE_FACTOR * (time.monotonic() - started))
+
+    async def prune_once(self) -> int:
+        """Delete one batch of jobs past their retention; how many went."""
+        async with driver_connection(self._engine) as connection:
+            pruned = await prune_jobs(connection, retention_seconds=self._retention_seconds, limit=PRUNE_BATCH_JOBS)
+        if pruned:
+            log.info("finished jobs pruned", extra={"jobs": pruned})
+        return pruned
 
     async def _gauge_loop(self) -> None:
         while True:

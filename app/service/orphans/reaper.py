@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult
 from app.service.db.models import Host, OrphanFile
 from app.service.db.queries import load_queries
-from app.service.pagination import Page, after_uuid, page_of, uuid_cursor
+from app.service.pagination import Page, page_by_uuid
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +23,10 @@ async def list_orphans(
     session: AsyncSession, *, host_uuid: UUID | None, limit: int, after: str | None
 ) -> Page[OrphanFile]:
     """A page of orphan files, optionally of one host, in a stable order."""
-    statement = select(OrphanFile).order_by(OrphanFile.uuid).limit(limit + 1)
+    statement = select(OrphanFile)
     if host_uuid is not None:
         statement = statement.where(OrphanFile.host_uuid == host_uuid)
-    if after is not None:
-        statement = statement.where(OrphanFile.uuid > after_uuid(after))
-    return page_of(list(await session.scalars(statement)), limit, lambda o: uuid_cursor(o.uuid))
+    return await page_by_uuid(session, statement, OrphanFile.uuid, limit=limit, after=after)
 
 
 @dataclass(frozen=True)
