@@ -80,7 +80,7 @@ async def test_deletes_files_through_the_shipped_agent(session: aiohttp.ClientSe
     before = agent_calls("ok")
     async with running_agent(tmp_path) as url:
         result = await client.delete_files(url + "/", uuid.uuid4(), files_for(tpm, gone))
-    assert result == HostDeleteResult(ok=True, deleted=[str(tpm)], missing=[str(gone)], error=None)
+    assert result == HostDeleteResult(ok=True, deleted=[str(tpm)], missing=[str(gone)], error=None, contact="answered")
     assert not tpm.exists()
     assert agent_calls("ok") == before + 1
 

@@ -26,7 +26,9 @@ def sessions_of(client: httpx.AsyncClient) -> async_sessionmaker[AsyncSession]:
 
 
 def removal_of(client: httpx.AsyncClient) -> Removal:
-    return Removal(client.app.state.engine, client.app.state.agent, orphan_retry_seconds=60)  # type: ignore[attr-defined]
+    return Removal(
+        client.app.state.engine, client.app.state.agent, orphan_retry_seconds=60, orphan_retry_max_seconds=60
+    )  # type: ignore[attr-defined]
 
 
 async def claim(client: httpx.AsyncClient, job_id: str) -> JobClaim:

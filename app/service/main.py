@@ -72,13 +72,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         http,
         timeout_seconds=settings.agent_timeout_seconds,
         concurrency=settings.agent_concurrency,
+        host_concurrency=settings.agent_host_concurrency,
         token=settings.agent_token.get_secret_value() if settings.agent_token else None,
     )
     notifications = Notifications(asyncpg_dsn(database_url))
     listener = asyncio.create_task(notifications.run(), name="listen")
     worker = Worker(
         worker_engine,
-        {"remove-tpm": Removal(worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds).run},
+        {
+            "remove-tpm": Removal(
+                worker_engine,
+                agent,
+                orphan_retry_seconds=settings.orphan_retry_seconds,
+                orphan_retry_max_seconds=settings.orphan_retry_max_seconds,
+            ).run
+        },
         OrphanReaper(
             create_session_factory(worker_engine),
             agent,

@@ -20,9 +20,11 @@ class Settings(BaseSettings):
     agent_token: SecretStr | None = None
     agent_timeout_seconds: float = Field(default=10.0, gt=0)
     agent_concurrency: int = Field(default=64, ge=1)
+    # Most of those calls in flight to any one host, so that a host that hangs delays no job that does not touch it.
+    agent_host_concurrency: int = Field(default=8, ge=1)
     orphan_retry_seconds: float = Field(default=30.0, gt=0)
-    # Backoff of orphan retries doubles from orphan_retry_seconds up to this cap.
-    orphan_retry_max_seconds: float = Field(default=3600.0, gt=0)
+    # Backoff of orphan retries, and of a failing host's probes, doubles from orphan_retry_seconds up to this cap.
+    orphan_retry_max_seconds: float = Field(default=300.0, gt=0)
     job_lease_seconds: float = Field(default=30.0, gt=0)
     # How long a stopping process lets its running jobs go on before it hands them back to the queue;
     # unset: AGENT_TIMEOUT_SECONDS + 2 s, so that agent calls in flight can end by themselves.

@@ -30,6 +30,7 @@ from app.protocol import FILE_TYPES
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 ACTIVE_JOB_STATES = ("queued", "running")
 HOST_STATES = ("pending", "deleted", "failed")
+HEALTH_STATES = ("ok", "failing")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -229,3 +230,25 @@ class OrphanFile(Base):
     # Fencing of the reaper: a claim draws a token and pushes next_attempt_at past the call's end.
     claim_token: Mapped[UUID | None] = mapped_column(Uuid)
     created_at: Mapped[datetime] = _created_at()
+
+
+class HostHealth(Base):
+    """Whether a host's agent answers, shared by every replica; a host without a row has never failed a call.
+
+    Rows are written when a call goes unanswered (and updated when the host answers again), never for every answered
+    call: a healthy host's removals then write nothing here, and never queue on this row's lock.
+    """
+
+    __tablename__ = "host_health"
+    __table_args__ = (CheckConstraint(_in("state", HEALTH_STATES), name="ck_host_health_state"),)
+
+    # A host that is deleted takes its health with it.
+    host_uuid: Mapped[UUID] = mapped_column(Uuid, ForeignKey("hosts.uuid", ondelete="CASCADE"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # Since when the host has been failing without a break; null while it is ok.
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # While failing: not before this time may the next probe be sent. A claimed probe pushes it past the call's end,
+    # so that no replica sends a second one meanwhile, and a process that dies mid-probe leaves it due again later.
+    next_probe_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
