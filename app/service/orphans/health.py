@@ -8,8 +8,8 @@ it. The statements that record a call's outcome record the host's health in the 
 for a job's calls, queries.sql beside this module for the reaper's); this module holds what they share.
 """
 
-import json
 import logging
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -31,9 +31,10 @@ def failing_reason(failing_since: datetime, last_error: str | None) -> str:
     return f"host failing since {since} ({last_error or 'no answer'}); not called"
 
 
-def log_health_changes(changes: str | None, fields: dict[str, str]) -> None:
-    """Log each change of a host's state that a statement answered (its `health_changes`, JSON or null)."""
-    for change in json.loads(changes) if changes else []:
+def log_health_changes(changes: Sequence[Mapping[str, Any]] | None, fields: dict[str, str]) -> None:
+    """Log each change of a host's state that a statement answered (its `health_changes`: JSON, which the engine's
+    connections decode, or null when nothing changed)."""
+    for change in changes or []:
         _log_change(change["host_uuid"], change["state"], change["consecutive_failures"], change["last_error"], fields)
 
 
