@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 import aiohttp
@@ -69,8 +70,10 @@ class _CallFailed(Exception):
         self.reason = reason
 
 
-def not_called(reason: str) -> HostDeleteResult:
-    """The result of a call that was not sent because its host is failing; its files stay where they are."""
+def not_called(failing_since: datetime, last_error: str | None) -> HostDeleteResult:
+    """The result of a call that was not sent because its host is failing (since when, why); its files stay."""
+    since = failing_since.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    reason = f"host failing since {since} ({last_error or 'no answer'}); not called"
     return HostDeleteResult(ok=False, deleted=[], missing=[], error=reason, contact="not_called")
 
 
@@ -83,7 +86,9 @@ class _HostLane:
     """Calls holding or waiting for a slot; the lane is dropped when none is left."""
     unanswered_at: int | None = None
     """The call sequence number at which the agent last failed to answer, None once it answered again."""
-    unanswered_error: str = ""
+    unanswered_since: datetime | None = None
+    """When the agent first failed to answer since it last answered."""
+    unanswered_error: str | None = None
 
 
 def agent_session(concurrency: int) -> aiohttp.ClientSession:
@@ -155,14 +160,19 @@ class AgentClient:
         lane.users += 1
         try:
             async with lane.slots:
-                if lane.unanswered_at is not None and lane.unanswered_at > queued_at:
-                    return not_called(f"not called: the host stopped answering meanwhile ({lane.unanswered_error})")
+                if (
+                    lane.unanswered_since is not None
+                    and lane.unanswered_at is not None
+                    and lane.unanswered_at > queued_at
+                ):
+                    return not_called(lane.unanswered_since, lane.unanswered_error)
                 result = await self._call(agent_url, vm_uuid, files)
             if result.contact == "answered":
-                lane.unanswered_at = None
+                lane.unanswered_at = lane.unanswered_since = None
             else:
                 lane.unanswered_at = next(self._call_sequence)
-                lane.unanswered_error = result.error or ""
+                lane.unanswered_since = lane.unanswered_since or datetime.now(UTC)
+                lane.unanswered_error = result.error
             return result
         finally:
             lane.users -= 1

@@ -10,7 +10,6 @@ for a job's calls, queries.sql beside this module for the reaper's); this module
 
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -23,12 +22,6 @@ from app.service.db.queries import load_queries
 log = logging.getLogger(__name__)
 
 QUERIES = load_queries(__file__)
-
-
-def failing_reason(failing_since: datetime, last_error: str | None) -> str:
-    """What a job says of a host it did not call because the host is failing."""
-    since = failing_since.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    return f"host failing since {since} ({last_error or 'no answer'}); not called"
 
 
 def log_health_changes(changes: Sequence[Mapping[str, Any]] | None, fields: dict[str, str]) -> None:

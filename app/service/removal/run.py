@@ -28,7 +28,7 @@ from app.service.db.queries import load_queries
 from app.service.errors import LeaseLostError
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim
-from app.service.orphans.health import failing_reason, log_health_changes
+from app.service.orphans.health import log_health_changes
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ class HostPlan:
     host_uuid: UUID
     agent_url: str
     files: list[FileToDelete]
-    failing: str | None
-    """Why the host is not called (it is failing, since when), or None: it is ok."""
+    failing: HostDeleteResult | None
+    """The outcome of a host that is failing: not called, saying since when and why; None while it is ok."""
 
 
 # How long the first outcome of a batch waits for the job's other hosts before it is written without them.
@@ -102,7 +102,7 @@ class Removal:
                 continue
             plan = plans.get(host_uuid)
             if plan is None:
-                failing = None if failing_since is None else failing_reason(failing_since, last_error)
+                failing = None if failing_since is None else not_called(failing_since, last_error)
                 plan = plans[host_uuid] = HostPlan(host_uuid, agent_url, [], failing)
             plan.files.append(FileToDelete(path=path, type=file_type))
         return list(plans.values())
@@ -131,7 +131,7 @@ class Removal:
                     host.agent_url, claim.vm_uuid, host.files, host_uuid=host.host_uuid
                 )
             else:
-                result = not_called(host.failing)
+                result = host.failing
             if not result.ok:
                 log.warning(
                     "host delete failed; its files become orphans",
