@@ -97,6 +97,8 @@ WITH job AS (
     SELECT outcome.host_uuid, 'failing', 1, outcome.error, now(), now() + least(CAST(:cap AS float8), CAST(:retry AS float8)) * interval '1 second'
     FROM job, outcome
     WHERE outcome.contact = 'unanswered'
+    -- Row locks taken in one order by every statement: two jobs failing on the same hosts never deadlock.
+    ORDER BY outcome.host_uuid
     ON CONFLICT (host_uuid) DO UPDATE SET
         state = 'failing',
         consecutive_failures = health.consecutive_failures + 1,
@@ -173,6 +175,8 @@ WITH outcome AS (
     SELECT outcome.host_uuid, 'failing', 1, outcome.error, now(), now() + least(CAST(:cap AS float8), CAST(:retry AS float8)) * interval '1 second'
     FROM job, outcome
     WHERE outcome.contact = 'unanswered'
+    -- Row locks taken in one order by every statement: two jobs failing on the same hosts never deadlock.
+    ORDER BY outcome.host_uuid
     ON CONFLICT (host_uuid) DO UPDATE SET
         state = 'failing',
         consecutive_failures = health.consecutive_failures + 1,
