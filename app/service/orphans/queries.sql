@@ -84,8 +84,9 @@ WHERE uuid = ANY(CAST(:uuids AS uuid[])) AND claim_token = :token
 
 -- host_unanswered --
 -- A call the host left unanswered: it is failing (since now, unless it already was), one failure more, its next
--- probe one back-off step away (from ORPHAN_RETRY_SECONDS, :base, doubling with each failure, capped at :cap). The
--- failure count it now has: 1 means it just went failing.
+-- probe one back-off step away: as long as it has been failing, at least ORPHAN_RETRY_SECONDS (:base), at most :cap,
+-- which doubles the step with each failed probe (as removal/queries.sql explains). The failure count it now has: 1
+-- means it just went failing.
 INSERT INTO host_health AS health (host_uuid, state, consecutive_failures, last_error, failing_since, next_probe_at)
 VALUES (:host_uuid, 'failing', 1, :error, now(), now() + least(CAST(:cap AS float8), CAST(:base AS float8)) * interval '1 second')
 ON CONFLICT (host_uuid) DO UPDATE SET
@@ -93,7 +94,8 @@ ON CONFLICT (host_uuid) DO UPDATE SET
     consecutive_failures = health.consecutive_failures + 1,
     last_error = excluded.last_error,
     failing_since = coalesce(health.failing_since, excluded.failing_since),
-    next_probe_at = now() + least(:cap, :base * power(2, health.consecutive_failures)) * interval '1 second'
+    next_probe_at = now() + least(CAST(:cap AS float8), greatest(CAST(:base AS float8), CAST(
+        extract(epoch FROM now() - coalesce(health.failing_since, now())) AS float8))) * interval '1 second'
 RETURNING consecutive_failures
 
 -- host_answered --

@@ -14,6 +14,10 @@
 -- their own: a call left unanswered trips the host (`host_failed`), a call answered on a failing host brings it
 -- back and makes all its orphans due (`host_answered`, `host_orphans_due`), a call not sent changes nothing. They
 -- answer the changes as JSON (`health_changes`), for the log. A healthy host's answer writes nothing there.
+-- A failing host's next probe is one back-off step away: as long as it has been failing, at least
+-- ORPHAN_RETRY_SECONDS (:retry), at most ORPHAN_RETRY_MAX_SECONDS (:cap). The step so doubles with each failed
+-- probe, and the calls that were in flight together when the host went failing do not stretch it (a step doubled
+-- per failed call would put the first probe of a host that failed eight calls at once at the cap).
 
 -- queue_removal --
 -- The job of a removal, inserted only while the VM has a TPM and no job under way. The TPM row is locked, so
@@ -104,7 +108,8 @@ WITH job AS (
         consecutive_failures = health.consecutive_failures + 1,
         last_error = excluded.last_error,
         failing_since = coalesce(health.failing_since, excluded.failing_since),
-        next_probe_at = now() + least(:cap, :retry * power(2, health.consecutive_failures)) * interval '1 second'
+        next_probe_at = now() + least(CAST(:cap AS float8), greatest(CAST(:retry AS float8), CAST(
+            extract(epoch FROM now() - coalesce(health.failing_since, now())) AS float8))) * interval '1 second'
     RETURNING host_uuid, consecutive_failures, last_error
 ), host_answered AS (
     UPDATE host_health SET state = 'ok', consecutive_failures = 0, failing_since = NULL, next_probe_at = NULL
@@ -182,7 +187,8 @@ WITH outcome AS (
         consecutive_failures = health.consecutive_failures + 1,
         last_error = excluded.last_error,
         failing_since = coalesce(health.failing_since, excluded.failing_since),
-        next_probe_at = now() + least(:cap, :retry * power(2, health.consecutive_failures)) * interval '1 second'
+        next_probe_at = now() + least(CAST(:cap AS float8), greatest(CAST(:retry AS float8), CAST(
+            extract(epoch FROM now() - coalesce(health.failing_since, now())) AS float8))) * interval '1 second'
     RETURNING host_uuid, consecutive_failures, last_error
 ), host_answered AS (
     UPDATE host_health SET state = 'ok', consecutive_failures = 0, failing_since = NULL, next_probe_at = NULL
