@@ -379,7 +379,7 @@ def report_dead_host(figures: DeadHostFigures) -> None:
         "slowest of 15 healthy-only removals while that backlog is retried "
         f"{figures.backlog_slowest_seconds * 1000:.0f} ms / median without a backlog "
         f"{figures.quiet_median_seconds * 1000:.1f} ms = {figures.slowdown:.2f}x "
-        f"(goal <= {GOAL_DEAD_HOST_SLOWDOWN:g})"
+        f"(goal <= {GOAL_DEAD_HOST_SLOWDOWN:g}); their median {figures.backlog_median_seconds * 1000:.1f} ms"
     )
     report(
         f"delete calls to the dead host while it is dead: {figures.window_calls} in {figures.window_seconds:.0f} s = "

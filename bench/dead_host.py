@@ -80,6 +80,7 @@ class DeadHostFigures:
     """Median of the healthy-only removals before the dead host had any backlog (DELETE sent to job seen ended)."""
     backlog_slowest_seconds: float
     """Slowest of the healthy-only removals while the dead host's backlog was retried."""
+    backlog_median_seconds: float
     backlog_orphans: int
     window_seconds: float
     window_calls: int
@@ -144,6 +145,7 @@ async def dead_host_run(
         removals_seconds=removed.end_to_end_seconds,
         quiet_median_seconds=statistics.median(quiet_runs),
         backlog_slowest_seconds=max(backlog_runs),
+        backlog_median_seconds=statistics.median(backlog_runs),
         backlog_orphans=backlog_orphans,
         window_seconds=window_end - window_start,
         window_calls=dead.calls_between(window_start, window_end),
