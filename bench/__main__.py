@@ -3,7 +3,8 @@
 Starts the service (`python -m app serve`) and the bare baseline app as real processes, and two fleets of the
 shipped host agents inside this process, one over plain HTTP and one over mutual TLS, then prints the fan-out
 ratio and the physical-limit ratio over each, the SQL cost per job, the memory growth over many removals, and what
-job retention costs and keeps.
+job retention costs and keeps, and what a
+dead host costs the others.
 """
 
 import argparse
@@ -32,6 +33,8 @@ from app.service.db.engine import asyncpg_dsn
 from bench import loop
 from bench.cost import STEPS, measure_job_costs
 from bench.database import fresh_database, postgres_server
+from bench.dead_host import SETTINGS as DEAD_HOST_SETTINGS
+from bench.dead_host import DeadHostFigures, HungAgent, dead_host_run
 from bench.fleet import agent_fleet
 from bench.load import LoadResult, client_session
 from bench.retention import RETAINED_TABLES, long_run_table_sizes, prune_backlog_run
@@ -51,6 +54,10 @@ GOAL_RSS_GROWTH_MB = 30.0
 GOAL_PRUNE_P99_RATIO = 1.5
 # The service's default JOB_RETENTION_SECONDS (7 days): the backlog is seeded twice as old.
 DEFAULT_RETENTION_SECONDS = 604800.0
+GOAL_DEAD_HOST_SLOWDOWN = 3.0
+GOAL_DEAD_HOST_CALLS_PER_MINUTE = 20.0
+GOAL_DEAD_HOST_REMOVALS_SECONDS = 10.0
+GOAL_DEAD_HOST_RECOVERY_SECONDS = 6.0
 # Lets the service's last allocations and freed connections settle before memory is read.
 _SETTLE_SECONDS = 2.0
 # The two ways the service calls agents; every fan-out and removal figure is measured over both.
@@ -96,6 +103,18 @@ def parse_args() -> argparse.Namespace:
         type=float,
         default=5,
         help="JOB_RETENTION_SECONDS of the service of the long run (default 5)",
+    )
+    parser.add_argument(
+        "--dead-host-removals",
+        type=int,
+        default=600,
+        help="removals that each touch the dead host, which leave as many orphans on it (default 600)",
+    )
+    parser.add_argument(
+        "--dead-host-window",
+        type=float,
+        default=30.0,
+        help="seconds the dead host's backlog is retried while its calls are counted (default 30)",
     )
     parser.add_argument(
         "--profile",
@@ -427,6 +446,37 @@ async def run(args: argparse.Namespace) -> None:
         p99_ratio = prune.pruning.latency_ms(0.99) / prune.quiet.latency_ms(0.99)
         report(f"DELETE p99 while pruning / without: {p99_ratio:.2f} (goal <= {GOAL_PRUNE_P99_RATIO})")
 
+        report()
+        report(
+            f"== 7. dead host: an agent that accepts connections and never answers; {args.dead_host_removals} VMs "
+            "with a file on it and one on a healthy host; a service of its own with "
+            + " ".join(f"{k}={v}" for k, v in DEAD_HOST_SETTINGS.items())
+            + " (AGENT_CONCURRENCY and AGENT_HOST_CONCURRENCY default)"
+        )
+        # A database of its own: the service above would otherwise take these jobs and probes too, with its settings.
+        dead_host_database_url = await stack.enter_async_context(fresh_database(server_url))
+        dead_host_database = await asyncpg.connect(asyncpg_dsn(dead_host_database_url))
+        stack.push_async_callback(dead_host_database.close)
+        dead_host_seeder = await Seeder.connect(dead_host_database_url, root)
+        stack.push_async_callback(dead_host_seeder.close)
+        dead = HungAgent(root)
+        dead_url = await stack.enter_async_context(dead.serving())
+        dead_host, healthy_host = await dead_host_seeder.hosts([dead_url, fast_urls[0]])
+        async with serving(dead_host_database_url, "dead-host", **DEAD_HOST_SETTINGS) as dead_host_service:
+            figures = await dead_host_run(
+                http,
+                dead_host_database,
+                dead_host_seeder,
+                dead_host_service.url,
+                dead=dead,
+                dead_host=dead_host,
+                healthy_host=healthy_host,
+                removals=args.dead_host_removals,
+                window_seconds=args.dead_host_window,
+                concurrency=args.concurrency,
+            )
+        report_dead_host(figures)
+
 
 @asynccontextmanager
 async def serving(database_url: str, name: str, **settings: str) -> AsyncIterator[LocalProcess]:
@@ -440,6 +490,29 @@ async def serving(database_url: str, name: str, **settings: str) -> AsyncIterato
             + f" (log: {server.log_path})"
         )
         yield server
+
+
+def report_dead_host(figures: DeadHostFigures) -> None:
+    """The four figures of the dead-host scenario, each against its goal."""
+    report(
+        f"{figures.removals} removals that each touch the dead host: {figures.removals_seconds:.1f} s from the first "
+        f"DELETE to the last job finished (goal <= {GOAL_DEAD_HOST_REMOVALS_SECONDS:g} s); "
+        f"{figures.backlog_orphans} orphans left on it"
+    )
+    report(
+        "slowest of 15 healthy-only removals while that backlog is retried "
+        f"{figures.backlog_slowest_seconds * 1000:.0f} ms / median without a backlog "
+        f"{figures.quiet_median_seconds * 1000:.1f} ms = {figures.slowdown:.2f}x "
+        f"(goal <= {GOAL_DEAD_HOST_SLOWDOWN:g}); their median {figures.backlog_median_seconds * 1000:.1f} ms"
+    )
+    report(
+        f"delete calls to the dead host while it is dead: {figures.window_calls} in {figures.window_seconds:.0f} s = "
+        f"{figures.calls_per_minute:.1f} per minute (goal <= {GOAL_DEAD_HOST_CALLS_PER_MINUTE:g})"
+    )
+    report(
+        f"host answers again: its last of {figures.backlog_orphans} orphans confirmed after "
+        f"{figures.recovery_seconds:.2f} s (goal <= {GOAL_DEAD_HOST_RECOVERY_SECONDS:g} s)"
+    )
 
 
 async def agent_calls_alone(urls: list[str], root: Path, runs: int, *options: str) -> dict[str, Any]:

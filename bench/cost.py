@@ -66,7 +66,7 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
 
     async with aiohttp.ClientSession() as http:
         agent = AgentClient(http, timeout_seconds=10, concurrency=64)
-        removal = Removal(engine, agent, scope=TPM_REMOVAL, orphan_retry_seconds=30)
+        removal = Removal(engine, agent, scope=TPM_REMOVAL, orphan_retry_seconds=30, orphan_retry_max_seconds=300)
         try:
             for layout in layouts:
                 (vm_uuid,) = await seeder.vms([layout])

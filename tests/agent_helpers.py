@@ -46,13 +46,17 @@ class RecordingAgent:
 
     `mode` is "ok" (the real agent answers and deletes the files), or a failure: "http500",
     "success_false", "bad_json", "partial" (confirms none of the paths), or "slow" (answers as the
-    real agent after `slow_seconds`). `hold` is an event the test clears to hold calls open.
+    real agent after `slow_seconds`). `hold` is an event the test clears to hold calls open. Every answer, whatever
+    the mode, waits `answer_after_seconds` first (a failing agent that takes its time).
     """
 
-    def __init__(self, root: Path, *, mode: str = "ok", slow_seconds: float = 0.0) -> None:
+    def __init__(
+        self, root: Path, *, mode: str = "ok", slow_seconds: float = 0.0, answer_after_seconds: float = 0.0
+    ) -> None:
         self.root = root
         self.mode = mode
         self.slow_seconds = slow_seconds
+        self.answer_after_seconds = answer_after_seconds
         self.hold = asyncio.Event()
         self.hold.set()
         self.calls: list[dict[str, Any]] = []
@@ -77,6 +81,7 @@ class RecordingAgent:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await self.hold.wait()
+            await asyncio.sleep(self.answer_after_seconds)
             if self.mode == "slow":
                 await asyncio.sleep(self.slow_seconds)
             if self.mode == "http500":

@@ -80,7 +80,7 @@ async def test_deletes_files_through_the_shipped_agent(session: aiohttp.ClientSe
     before = agent_calls("ok")
     async with running_agent(tmp_path) as url:
         result = await client.delete_files(url + "/", uuid.uuid4(), files_for(tpm, gone))
-    assert result == HostDeleteResult(ok=True, deleted=[str(tpm)], missing=[str(gone)], error=None)
+    assert result == HostDeleteResult(ok=True, deleted=[str(tpm)], missing=[str(gone)], error=None, contact="answered")
     assert not tpm.exists()
     assert agent_calls("ok") == before + 1
 
@@ -305,3 +305,101 @@ async def test_cancellation_propagates(session: aiohttp.ClientSession, tmp_path:
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
+
+
+def counting_agent(answer: Handler) -> tuple[web.Application, dict[str, int]]:
+    """A stand-in agent that counts the calls it received and the most it held at once, then answers with `answer`."""
+    counts = {"calls": 0, "in_flight": 0, "most_in_flight": 0}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        counts["calls"] += 1
+        counts["in_flight"] += 1
+        counts["most_in_flight"] = max(counts["most_in_flight"], counts["in_flight"])
+        try:
+            return await answer(request)
+        finally:
+            counts["in_flight"] -= 1
+
+    return agent_with(handler), counts
+
+
+async def test_one_host_gets_no_more_than_its_share_of_slots_and_another_host_is_served_meanwhile(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        body = await request.json()
+        return web.json_response({"success": True, "deleted": [], "missing": [body["files"][0]["path"]]})
+
+    slow_app, slow = counting_agent(held)
+    client = AgentClient(session, timeout_seconds=5, concurrency=3, host_concurrency=2)
+    slow_host = uuid.uuid4()
+    async with running_app(slow_app) as slow_url, running_agent(tmp_path) as quick_url:
+        slow_calls = [
+            asyncio.create_task(client.delete_files(slow_url, uuid.uuid4(), files_for(f"/r/{n}"), host_uuid=slow_host))
+            for n in range(5)
+        ]
+        while slow["in_flight"] < 2:
+            await asyncio.sleep(0.01)
+        # Three slots in all, two taken by the slow host: the quick host's call goes through while those are held.
+        quick = await client.delete_files(
+            quick_url, uuid.uuid4(), files_for(tmp_path / "a.bin"), host_uuid=uuid.uuid4()
+        )
+        assert quick.ok and quick.contact == "answered"
+        assert slow["in_flight"] == 2
+        release.set()
+        results = await asyncio.gather(*slow_calls)
+    assert all(result.ok for result in results)
+    assert slow["most_in_flight"] == 2 and slow["calls"] == 5
+
+
+async def test_calls_queued_for_a_host_that_left_a_call_unanswered_are_not_sent(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(10)
+        return web.Response(status=500)
+
+    app, counts = counting_agent(hang)
+    client = AgentClient(session, timeout_seconds=TIMEOUT, concurrency=4, host_concurrency=1)
+    host = uuid.uuid4()
+    async with running_app(app) as url:
+        results = await asyncio.gather(
+            *(client.delete_files(url, uuid.uuid4(), files_for(f"/r/{n}"), host_uuid=host) for n in range(3))
+        )
+        # Once it answered nothing, later calls (not queued behind that one) are sent again: they are probes.
+        later = await client.delete_files(url, uuid.uuid4(), files_for("/r/later"), host_uuid=host)
+    assert [r.contact for r in results] == ["unanswered", "not_called", "not_called"]
+    assert results[0].error == f"timeout after {TIMEOUT:g}s"
+    assert all(r.error is not None and r.error.startswith("host failing since ") for r in results[1:])
+    assert all(f"(timeout after {TIMEOUT:g}s); not called" in (r.error or "") for r in results[1:])
+    assert later.contact == "unanswered"
+    assert counts["calls"] == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "contact"),
+    [
+        (web.json_response({"success": False, "error": "disk on fire"}), "answered"),
+        (web.json_response({"success": True, "deleted": [], "missing": []}), "answered"),
+        (web.Response(status=200, text="{not json", content_type="application/json"), "answered"),
+        (web.Response(status=500, text="boom"), "unanswered"),
+        (web.Response(status=404), "unanswered"),
+    ],
+)
+async def test_any_whole_200_answer_is_an_answer_and_anything_else_is_not(
+    session: aiohttp.ClientSession, answer: web.Response, contact: str
+) -> None:
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return answer
+
+    result = await call_agent_with(session, reply)
+    assert not result.ok and result.contact == contact
+
+
+async def test_a_refused_connection_is_unanswered(session: aiohttp.ClientSession) -> None:
+    client = AgentClient(session, timeout_seconds=TIMEOUT, concurrency=1)
+    result = await client.delete_files(f"http://127.0.0.1:{closed_port()}", uuid.uuid4(), files_for("/r/a"))
+    assert result.error == "connection refused" and result.contact == "unanswered"

@@ -18,11 +18,13 @@ async def test_put_host_creates_then_replaces(client: httpx.AsyncClient) -> None
     host_uuid = str(uuid.uuid4())
     created = await client.put(f"/hosts/{host_uuid}", json={"name": "kvm-1", "agent_url": AGENT_URL})
     assert created.status_code == 201, created.text
-    assert created.json() == {"uuid": host_uuid, "name": "kvm-1", "agent_url": AGENT_URL}
+    # A host that never left a call unanswered is ok.
+    healthy = {"state": "ok", "consecutive_failures": 0, "last_error": None, "next_probe_at": None}
+    assert created.json() == {"uuid": host_uuid, "name": "kvm-1", "agent_url": AGENT_URL, "health": healthy}
 
     replaced = await client.put(f"/hosts/{host_uuid}", json={"name": "kvm-2", "agent_url": "https://kvm-2:9000"})
     assert replaced.status_code == 200, replaced.text
-    assert replaced.json() == {"uuid": host_uuid, "name": "kvm-2", "agent_url": "https://kvm-2:9000"}
+    assert replaced.json() == {"uuid": host_uuid, "name": "kvm-2", "agent_url": "https://kvm-2:9000", "health": healthy}
 
     read = await client.get(f"/hosts/{host_uuid}")
     assert read.status_code == 200

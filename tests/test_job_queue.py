@@ -30,7 +30,8 @@ JOB_TYPES = {"remove-tpm": ("/vms/{vm}/tpm", TPM_REMOVAL), "delete-vm": ("/vms/{
 
 
 def removal_of(client: httpx.AsyncClient, scope: RemovalScope = TPM_REMOVAL) -> Removal:
-    return Removal(client.app.state.engine, client.app.state.agent, scope=scope, orphan_retry_seconds=60)  # type: ignore[attr-defined]
+    state = client.app.state  # type: ignore[attr-defined]
+    return Removal(state.engine, state.agent, scope=scope, orphan_retry_seconds=60, orphan_retry_max_seconds=60)
 
 
 async def claim(client: httpx.AsyncClient, job_id: str) -> JobClaim:

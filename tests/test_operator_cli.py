@@ -1,4 +1,4 @@
-"""The operator commands (`remove`, `delete-vm`, `jobs`, `orphans`, `decommission`) against a real `serve` process."""
+"""The operator commands (`remove`, `delete-vm`, `jobs`, `orphans`, `hosts`, `decommission`) against a real server."""
 
 import asyncio
 import json
@@ -132,6 +132,31 @@ async def test_orphans_lists_the_files_of_a_failed_host(
     table = await run_cli("orphans", "--host", host, url=service.url)
     assert table.exit_code == 0, table.output
     assert "Orphan files" in table.stdout and "NvRam" in table.stdout
+
+
+async def test_hosts_shows_a_failed_host_failing_and_a_good_one_ok(
+    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    async with running_agent(tmp_path / "good") as good_url:
+        vm, hosts, _ = await seed_vm(api, {good_url: tmp_path / "good", closed_port_url(): tmp_path / "dead"})
+        assert (await run_cli("remove", vm, "--wait", url=service.url)).exit_code == EXIT_ORPHANS
+    good_host, dead_host = hosts.values()
+
+    listed = await run_cli("hosts", good_host, dead_host, "--json", url=service.url)
+    assert listed.exit_code == 0, listed.output
+    health = {host["uuid"]: host["health"] for host in json.loads(listed.stdout)}
+    assert health[good_host] == {"state": "ok", "consecutive_failures": 0, "last_error": None, "next_probe_at": None}
+    assert health[dead_host]["state"] == "failing" and health[dead_host]["consecutive_failures"] >= 1
+    assert "connection refused" in health[dead_host]["last_error"]
+
+    # Without hosts named: every host that holds orphan files, the dead one among them.
+    holding = await run_cli("hosts", "--json", url=service.url)
+    assert holding.exit_code == 0, holding.output
+    shown = {host["uuid"] for host in json.loads(holding.stdout)}
+    assert dead_host in shown and good_host not in shown
+    table = await run_cli("hosts", dead_host, url=service.url)
+    assert table.exit_code == 0, table.output
+    assert "Hosts" in table.stdout and "failing" in table.stdout
 
 
 async def test_jobs_lists_a_vms_jobs_newest_first(service: LocalProcess, api: httpx.AsyncClient) -> None:

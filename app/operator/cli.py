@@ -1,5 +1,5 @@
 """Operator commands that talk to a running service over HTTP: remove a TPM or delete a VM and follow the job, list
-jobs and orphans, decommission a host.
+jobs, orphans and hosts, decommission a host.
 
 They are registered on the same typer app as `serve` (see app/service/commands.py), reach the service at `--url`
 (env VTPM_URL) with `--token` (env API_TOKEN), and print rich tables and progress for people, or JSON
@@ -45,7 +45,15 @@ EXIT_STATUS_HELP = (
 FINAL_STATES = frozenset({"succeeded", "failed"})
 # What a succeeded job of each type did, for its summary line.
 _DONE = {"remove-tpm": "TPM removed", "delete-vm": "VM deleted"}
-_STATE_STYLES = {"queued": "cyan", "running": "yellow", "succeeded": "green", "failed": "red", "deleted": "green"}
+_STATE_STYLES = {
+    "queued": "cyan",
+    "running": "yellow",
+    "succeeded": "green",
+    "failed": "red",
+    "deleted": "green",
+    "ok": "green",
+    "failing": "red",
+}
 
 Job = dict[str, Any]
 
@@ -365,6 +373,41 @@ def _print_would_abandon(orphans: list[dict[str, Any]]) -> None:
         )
 
 
+def show_hosts(
+    hosts: Annotated[
+        list[UUID] | None,
+        typer.Argument(help="The hosts to show; none: every host that holds orphan files", show_default=False),
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show hosts and their health: ok, or failing (the service then only probes them, once per back-off step)."""
+    with service_client(url, token) as client:
+        if hosts:
+            uuids = [str(host) for host in hosts]
+        else:
+            orphans = fetch_all(client, "/orphan-files", {}, limit=100_000)
+            uuids = list(dict.fromkeys(orphan["host_uuid"] for orphan in orphans))
+        rows = [call(client, "GET", f"/hosts/{host_uuid}").json() for host_uuid in uuids]
+    if json_output:
+        print_json(rows)
+        return
+    table = Table("host", "name", "agent", "health", "failures", "next probe", "last error", title="Hosts")
+    for host in rows:
+        health = host["health"]
+        table.add_row(
+            host["uuid"],
+            host["name"],
+            host["agent_url"],
+            f"[{_STATE_STYLES[health['state']]}]{health['state']}[/]",
+            str(health["consecutive_failures"]),
+            _when(health["next_probe_at"]) if health["next_probe_at"] else "",
+            health["last_error"] or "",
+        )
+    out.print(table if rows else "No hosts hold orphan files.")
+
+
 def _when(value: str) -> str:
     """An RFC 3339 time as `YYYY-MM-DD HH:MM:SS` (UTC), short enough for a table column."""
     return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
@@ -377,3 +420,4 @@ def register(cli: typer.Typer) -> None:
     cli.command("jobs")(list_jobs)
     cli.command("orphans")(list_orphans)
     cli.command("decommission")(decommission_host)
+    cli.command("hosts")(show_hosts)

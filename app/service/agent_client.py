@@ -2,16 +2,19 @@
 
 Every way a host can misbehave (refuse, err, hang, drop the connection, answer nonsense, fail TLS) comes
 back as a `HostDeleteResult` with `ok=False` and a short reason, never as an exception, because the
-removal job treats a failed host as data (its files become orphans), not as a crash.
+removal job treats a failed host as data (its files become orphans), not as a crash. The result also says
+whether the host answered at all, which is what its health (app/service/orphans/health.py) goes by.
 """
 
 import asyncio
+import itertools
 import logging
 import ssl
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -31,7 +34,16 @@ from app.protocol import (
 )
 from app.service.metrics import AGENT_CALL_DURATION, AGENT_CALLS_TOTAL
 
-__all__ = ["AgentClient", "AgentTlsError", "FileToDelete", "HostDeleteResult", "agent_session", "agent_ssl_context"]
+__all__ = [
+    "AgentClient",
+    "AgentTlsError",
+    "FileToDelete",
+    "HostContact",
+    "HostDeleteResult",
+    "agent_session",
+    "agent_ssl_context",
+    "not_called",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +62,11 @@ _MAX_AGENT_ERROR_CHARS = 300
 
 Outcome = Literal["ok", "failed", "timeout", "unreachable"]
 
+HostContact = Literal["answered", "unanswered", "not_called"]
+"""Whether a host answered a call: "answered" is a whole 200 answer, whatever it says (a 200 with success:false
+too); "unanswered" is everything else (no connection, timeout, TLS, a status other than 200, an answer cut short);
+"not_called" is a call that was never sent because the host was known to be failing."""
+
 
 @dataclass(frozen=True)
 class HostDeleteResult:
@@ -61,6 +78,8 @@ class HostDeleteResult:
     missing: list[str]
     error: str | None
     """Short human reason when not ok, e.g. "HTTP 500" or "timeout after 10s"."""
+    contact: HostContact
+    """Whether the host answered; a host's health trips only on "unanswered"."""
 
 
 class _CallFailed(Exception):
@@ -70,6 +89,27 @@ class _CallFailed(Exception):
         super().__init__(reason)
         self.outcome: Outcome = outcome
         self.reason = reason
+
+
+def not_called(failing_since: datetime, last_error: str | None) -> HostDeleteResult:
+    """The result of a call that was not sent because its host is failing (since when, why); its files stay."""
+    since = failing_since.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    reason = f"host failing since {since} ({last_error or 'no answer'}); not called"
+    return HostDeleteResult(ok=False, deleted=[], missing=[], error=reason, contact="not_called")
+
+
+@dataclass
+class _HostLane:
+    """One agent's share of the process's calls: its own slots, and the last time it left a call unanswered."""
+
+    slots: asyncio.Semaphore
+    users: int = 0
+    """Calls holding or waiting for a slot; the lane is dropped when none is left."""
+    unanswered_at: int | None = None
+    """The call sequence number at which the agent last failed to answer, None once it answered again."""
+    unanswered_since: datetime | None = None
+    """When the agent first failed to answer since it last answered."""
+    unanswered_error: str | None = None
 
 
 class AgentTlsError(Exception):
@@ -114,7 +154,13 @@ def agent_session(concurrency: int, ssl_context: ssl.SSLContext) -> aiohttp.Clie
 
 
 class AgentClient:
-    """Calls host agents over one shared aiohttp session, with a bound on calls in flight."""
+    """Calls host agents over one shared aiohttp session, with a bound on calls in flight, overall and per agent.
+
+    Calls to one agent take a slot of its lane (`host_concurrency`, default: no bound but `concurrency`) before one
+    of the process's, so that calls queued behind a hanging agent hold none of the slots other agents need. When an
+    agent leaves a call unanswered, the calls to it that were already queued are not sent (`not_called`): they would
+    only wait out the same timeout, and the host is failing now.
+    """
 
     def __init__(
         self,
@@ -122,15 +168,21 @@ class AgentClient:
         *,
         timeout_seconds: float,
         concurrency: int,
+        host_concurrency: int | None = None,
         token: str | None = None,
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if host_concurrency is not None and host_concurrency < 1:
+            raise ValueError("host_concurrency must be at least 1")
         self._session = session
         self._timeout_seconds = timeout_seconds
         self._slots = asyncio.Semaphore(concurrency)
+        self._host_concurrency = min(concurrency, host_concurrency or concurrency)
+        self._lanes: dict[str | uuid.UUID, _HostLane] = {}
+        self._call_sequence = itertools.count()
         self._token = token
         self._seen_agent_urls: set[str] = set()
 
@@ -149,15 +201,55 @@ class AgentClient:
                 agent_url,
             )
 
-    async def delete_files(self, agent_url: str, vm_uuid: uuid.UUID, files: Sequence[FileToDelete]) -> HostDeleteResult:
+    async def delete_files(
+        self,
+        agent_url: str,
+        vm_uuid: uuid.UUID,
+        files: Sequence[FileToDelete],
+        *,
+        host_uuid: uuid.UUID | None = None,
+    ) -> HostDeleteResult:
         """Ask the agent at `agent_url` to delete `files` of `vm_uuid`; never raises but on cancellation.
+
+        The call goes through the lane of host `host_uuid` (of its agent URL when none is given): hosts are told
+        apart by their UUID, as their health is, even where two share an agent.
 
         The time spent waiting for a free slot is not part of the timeout: under load a call queues
         behind others, and only the call itself (connect, send, read the whole answer) is bounded.
         A call that cannot even connect counts as "unreachable"; once connected, anything short of
-        a complete, confirming answer counts as "failed" (or "timeout").
+        a complete, confirming answer counts as "failed" (or "timeout"). A call still queued for the agent's
+        lane when the agent leaves another call unanswered is not sent at all (contact "not_called").
         """
         self.warn_if_plain_http(agent_url)
+        lane_key = agent_url if host_uuid is None else host_uuid
+        lane = self._lanes.get(lane_key)
+        if lane is None:
+            lane = self._lanes[lane_key] = _HostLane(asyncio.Semaphore(self._host_concurrency))
+        queued_at = next(self._call_sequence)
+        lane.users += 1
+        try:
+            async with lane.slots:
+                if (
+                    lane.unanswered_since is not None
+                    and lane.unanswered_at is not None
+                    and lane.unanswered_at > queued_at
+                ):
+                    return not_called(lane.unanswered_since, lane.unanswered_error)
+                result = await self._call(agent_url, vm_uuid, files)
+            if result.contact == "answered":
+                lane.unanswered_at = lane.unanswered_since = None
+            else:
+                lane.unanswered_at = next(self._call_sequence)
+                lane.unanswered_since = lane.unanswered_since or datetime.now(UTC)
+                lane.unanswered_error = result.error
+            return result
+        finally:
+            lane.users -= 1
+            if not lane.users:
+                del self._lanes[lane_key]
+
+    async def _call(self, agent_url: str, vm_uuid: uuid.UUID, files: Sequence[FileToDelete]) -> HostDeleteResult:
+        """Send one delete call in one of the process's slots; its result."""
         url = agent_url.rstrip("/") + DELETE_PATH
         body = DeleteRequest(vm_uuid=vm_uuid, files=list(files)).model_dump_json().encode()
         requested = [f.path for f in files]
@@ -166,22 +258,28 @@ class AgentClient:
             try:
                 async with asyncio.timeout(self._timeout_seconds):
                     answer = await self._post(url, body)
-                result = _interpret_answer(answer, requested)
-                outcome: Outcome = "ok"
             except TimeoutError:
-                outcome = "timeout"
-                result = _failure(f"timeout after {self._timeout_seconds:g}s")
+                outcome: Outcome = "timeout"
+                result = _failure(f"timeout after {self._timeout_seconds:g}s", "unanswered")
             except _CallFailed as failure:
                 outcome = failure.outcome
-                result = _failure(failure.reason)
+                result = _failure(failure.reason, "unanswered")
+            else:
+                try:
+                    result = _interpret_answer(answer, requested)
+                    outcome = "ok"
+                except _CallFailed as failure:
+                    outcome = failure.outcome
+                    result = _failure(failure.reason, "answered")
             AGENT_CALL_DURATION.observe(time.perf_counter() - started)
         AGENT_CALLS_TOTAL.labels(outcome=outcome).inc()
         logger.debug(
-            "agent call done vm_uuid=%s agent_url=%s count=%d outcome=%s error=%s",
+            "agent call done vm_uuid=%s agent_url=%s count=%d outcome=%s contact=%s error=%s",
             vm_uuid,
             agent_url,
             len(files),
             outcome,
+            result.contact,
             result.error,
         )
         return result
@@ -288,12 +386,12 @@ def _interpret_answer(raw: bytes, requested: Sequence[str]) -> HostDeleteResult:
         rest = len(unconfirmed) - _PATHS_NAMED_IN_REASON
         more = f" (and {rest} more)" if rest > 0 else ""
         raise _CallFailed("failed", f"paths not confirmed: {named}{more}")
-    return HostDeleteResult(ok=True, deleted=answer.deleted, missing=answer.missing, error=None)
+    return HostDeleteResult(ok=True, deleted=answer.deleted, missing=answer.missing, error=None, contact="answered")
 
 
-def _failure(reason: str) -> HostDeleteResult:
+def _failure(reason: str, contact: HostContact) -> HostDeleteResult:
     """Build the result of a failed call."""
-    return HostDeleteResult(ok=False, deleted=[], missing=[], error=reason)
+    return HostDeleteResult(ok=False, deleted=[], missing=[], error=reason, contact=contact)
 
 
 # What a failed call says when the agent closes every new connection right after the TLS handshake.

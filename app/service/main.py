@@ -76,11 +76,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         http,
         timeout_seconds=settings.agent_timeout_seconds,
         concurrency=settings.agent_concurrency,
+        host_concurrency=settings.agent_host_concurrency,
         token=settings.agent_token.get_secret_value() if settings.agent_token else None,
     )
     notifications = Notifications(asyncpg_dsn(database_url))
     listener = asyncio.create_task(notifications.run(), name="listen")
-    removal = partial(Removal, worker_engine, agent, orphan_retry_seconds=settings.orphan_retry_seconds)
+    removal = partial(
+        Removal,
+        worker_engine,
+        agent,
+        orphan_retry_seconds=settings.orphan_retry_seconds,
+        orphan_retry_max_seconds=settings.orphan_retry_max_seconds,
+    )
     worker = Worker(
         worker_engine,
         {"remove-tpm": removal(scope=TPM_REMOVAL).run, "delete-vm": removal(scope=VM_DELETION).run},

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.service.db.models import JOB_STATES, AbandonedFile, Job, OrphanFile
+from app.service.db.models import HEALTH_STATES, JOB_STATES, AbandonedFile, Host, HostHealth, Job, OrphanFile
 
 JOBS_TOTAL = Counter("tpm_removal_jobs_total", "Removal jobs that reached a state, by state", ["state"])
 AGENT_CALLS_TOTAL = Counter("tpm_agent_calls_total", "Host agent delete calls, by outcome", ["outcome"])
@@ -21,10 +21,12 @@ ABANDONED_FILES = Gauge(
     "tpm_abandoned_files", "Orphan files of decommissioned hosts, never retried: they may still be on those disks"
 )
 JOBS_BY_STATE = Gauge("tpm_removal_jobs_current", "Removal jobs in the database now, by state", ["state"])
+HOSTS_BY_HEALTH = Gauge("tpm_hosts", "Hosts in the database now, by health state", ["state"])
 
 
 async def refresh_gauges(session: AsyncSession) -> None:
-    """Set the database-backed gauges (jobs by state, orphan files pending, abandoned files) from cheap queries."""
+    """Set the database-backed gauges (jobs by state, orphan files pending, abandoned files, hosts by health) from
+    cheap queries."""
     counts: dict[str, int] = {
         state: count for state, count in await session.execute(select(Job.state, func.count()).group_by(Job.state))
     }
@@ -32,6 +34,16 @@ async def refresh_gauges(session: AsyncSession) -> None:
         JOBS_BY_STATE.labels(state=state).set(counts.get(state, 0))
     ORPHAN_FILES.set(await session.scalar(select(func.count()).select_from(OrphanFile)) or 0)
     ABANDONED_FILES.set(await session.scalar(select(func.count()).select_from(AbandonedFile)) or 0)
+    # A host without a health row has never failed a call: it is ok.
+    health = func.coalesce(HostHealth.state, "ok")
+    hosts: dict[str, int] = {
+        state: count
+        for state, count in await session.execute(
+            select(health, func.count()).select_from(Host).outerjoin(HostHealth).group_by(health)
+        )
+    }
+    for state in HEALTH_STATES:
+        HOSTS_BY_HEALTH.labels(state=state).set(hosts.get(state, 0))
 
 
 HTTP_REQUESTS_TOTAL = Counter(

@@ -117,12 +117,28 @@ class HostIn(_Body):
     agent_url: AgentUrl
 
 
+class HostHealthOut(BaseModel):
+    """Whether a host's agent answers calls, as every replica sees it."""
+
+    state: Literal["ok", "failing"] = Field(
+        description="failing from the first call the host left unanswered, ok from the first it answered with a 200"
+    )
+    consecutive_failures: int = Field(description="unanswered calls since the host last answered")
+    last_error: str | None = Field(description="why the last unanswered call failed")
+    next_probe_at: UtcTime | None = Field(description="while failing: not before this time is it called again")
+
+
+HEALTHY = HostHealthOut(state="ok", consecutive_failures=0, last_error=None, next_probe_at=None)
+"""The health of a host that never left a call unanswered."""
+
+
 class HostOut(BaseModel):
-    """A KVM host and its agent."""
+    """A KVM host, its agent and its health."""
 
     uuid: UUID
     name: str
     agent_url: str
+    health: HostHealthOut
 
 
 class VmIn(_Body):

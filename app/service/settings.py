@@ -30,9 +30,11 @@ class Settings(BaseSettings):
     agent_key_file: Path | None = None
     agent_timeout_seconds: float = Field(default=10.0, gt=0)
     agent_concurrency: int = Field(default=64, ge=1)
+    # Most of those calls in flight to any one host, so that a host that hangs delays no job that does not touch it.
+    agent_host_concurrency: int = Field(default=8, ge=1)
     orphan_retry_seconds: float = Field(default=30.0, gt=0)
-    # Backoff of orphan retries doubles from orphan_retry_seconds up to this cap.
-    orphan_retry_max_seconds: float = Field(default=3600.0, gt=0)
+    # Backoff of orphan retries, and of a failing host's probes, doubles from orphan_retry_seconds up to this cap.
+    orphan_retry_max_seconds: float = Field(default=300.0, gt=0)
     job_lease_seconds: float = Field(default=30.0, gt=0)
     # How long a finished job stays readable after its finished_at; then the worker prunes it.
     job_retention_seconds: float = Field(default=604800.0, ge=0)

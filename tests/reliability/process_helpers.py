@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,11 +182,13 @@ class FaultHarness:
         """An HTTP client of `service`, closed with the harness."""
         return await self._stack.enter_async_context(httpx.AsyncClient(base_url=service.url, timeout=30))
 
-    async def add_host(self, http: httpx.AsyncClient) -> Host:
-        """A host whose logging agent runs in this loop, deleting under a folder of its own."""
+    async def add_host(
+        self, http: httpx.AsyncClient, agent_type: Callable[[Path], LoggingAgent] = LoggingAgent
+    ) -> Host:
+        """A host whose logging agent (of `agent_type`) runs in this loop, deleting under a folder of its own."""
         root = self._work_dir / f"host-{len(self.agents) + 1}"
         root.mkdir()
-        agent = LoggingAgent(root)
+        agent = agent_type(root)
         self.agents.append(agent)
         url = await self._stack.enter_async_context(running_app(agent.app()))
         return Host(await put_host(http, url), agent, root)

@@ -28,15 +28,15 @@ router = APIRouter(prefix="/hosts", tags=["inventory"])
 async def put_host(host_uuid: UUID, body: HostIn, session: SessionDep, response: Response) -> HostOut:
     async with session.begin():
         host, created = await inventory.put_host(session, host_uuid, body)
+        answer = await inventory.host_out(session, host)
     response.status_code = 201 if created else 200
-    return HostOut.model_validate(host, from_attributes=True)
+    return answer
 
 
 @router.get("/{host_uuid}", response_model=HostOut, summary="Read a host", responses=problem_responses(404, 422))
 async def get_host(host_uuid: UUID, session: SessionDep) -> HostOut:
     async with session.begin():
-        host = await inventory.get_host(session, host_uuid)
-    return HostOut.model_validate(host, from_attributes=True)
+        return await inventory.host_out(session, await inventory.get_host(session, host_uuid))
 
 
 @router.delete(

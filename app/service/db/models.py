@@ -32,6 +32,7 @@ JOB_STATES = ("queued", "running", "succeeded", "failed")
 ACTIVE_JOB_STATES = ("queued", "running")
 FINISHED_JOB_STATES = ("succeeded", "failed")
 HOST_STATES = ("pending", "deleted", "failed")
+HEALTH_STATES = ("ok", "failing")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -263,3 +264,25 @@ class AbandonedFile(Base):
     attempts: Mapped[int] = mapped_column(Integer, nullable=False)
     last_error: Mapped[str | None] = mapped_column(Text)
     abandoned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class HostHealth(Base):
+    """Whether a host's agent answers, shared by every replica; a host without a row has never failed a call.
+
+    Rows are written when a call goes unanswered (and updated when the host answers again), never for every answered
+    call: a healthy host's removals then write nothing here, and never queue on this row's lock.
+    """
+
+    __tablename__ = "host_health"
+    __table_args__ = (CheckConstraint(_in("state", HEALTH_STATES), name="ck_host_health_state"),)
+
+    # A host that is deleted takes its health with it.
+    host_uuid: Mapped[UUID] = mapped_column(Uuid, ForeignKey("hosts.uuid", ondelete="CASCADE"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # Since when the host has been failing without a break; null while it is ok.
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # While failing: not before this time may the next probe be sent. A claimed probe pushes it past the call's end,
+    # so that no replica sends a second one meanwhile, and a process that dies mid-probe leaves it due again later.
+    next_probe_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -8,10 +8,21 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.service.db.models import ACTIVE_JOB_STATES, FileLedger, Host, HostFile, Job, OrphanFile, Tpm, TpmKeyBinding, Vm
+from app.service.db.models import (
+    ACTIVE_JOB_STATES,
+    FileLedger,
+    Host,
+    HostFile,
+    HostHealth,
+    Job,
+    OrphanFile,
+    Tpm,
+    TpmKeyBinding,
+    Vm,
+)
 from app.service.errors import ConflictError, NotFoundError
 from app.service.pagination import Page, page_by_uuid
-from app.service.schemas import HostFileIn, HostIn, TpmIn, VmIn
+from app.service.schemas import HEALTHY, HostFileIn, HostHealthOut, HostIn, HostOut, TpmIn, VmIn
 
 # PostgreSQL's xmax is 0 only on a row the statement inserted (not on one ON CONFLICT updated).
 _INSERTED = type_coerce(literal_column("xmax = 0"), Boolean).label("created")
@@ -54,6 +65,17 @@ async def get_host(session: AsyncSession, host_uuid: UUID, *, key_share: bool = 
 async def list_agent_urls(session: AsyncSession) -> list[str]:
     """The agent URL of every known host, each once."""
     return list(await session.scalars(select(Host.agent_url).distinct()))
+
+
+async def host_out(session: AsyncSession, host: Host) -> HostOut:
+    """The host as the API shows it, with its health (app/service/orphans/health.py)."""
+    health = await session.get(HostHealth, host.uuid, populate_existing=True)
+    return HostOut(
+        uuid=host.uuid,
+        name=host.name,
+        agent_url=host.agent_url,
+        health=HEALTHY if health is None else HostHealthOut.model_validate(health, from_attributes=True),
+    )
 
 
 async def put_vm(session: AsyncSession, vm_uuid: UUID, body: VmIn) -> tuple[Vm, bool]:

@@ -1,4 +1,8 @@
-"""Orphan files: files whose host did not confirm their deletion, retried with backoff until it does."""
+"""Orphan files: files whose host did not confirm their deletion, retried with backoff until it does.
+
+A failing host's orphans are not retried by their own back-off: the host gets one probe per back-off step of its
+own (app/service/orphans/health.py), and once it answers, all its orphans are due at once.
+"""
 
 import asyncio
 import logging
@@ -10,8 +14,9 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult
-from app.service.db.models import Host, OrphanFile
+from app.service.db.models import OrphanFile
 from app.service.db.queries import load_queries
+from app.service.orphans.health import record_contact
 from app.service.pagination import Page, page_by_uuid
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,8 @@ class _OrphanGroup:
     agent_url: str
     uuids: list[UUID]
     files: list[FileToDelete]
+    probe: bool
+    """Whether this call is the probe of a failing host."""
 
     def log_fields(self) -> dict[str, str]:
         """The fields every log line about this retry carries: the job, VM and host, as the job's own lines."""
@@ -46,7 +53,7 @@ class _OrphanGroup:
 
 
 class OrphanReaper:
-    """Retries due orphan files, one call per host, VM and job, all hosts at once."""
+    """Retries due orphan files, one call per host, VM and job, all hosts at once; probes failing hosts."""
 
     def __init__(
         self,
@@ -77,22 +84,19 @@ class OrphanReaper:
                     text(QUERIES["claim_due"]), {"token": token, "hold": self._hold_seconds, "limit": limit}
                 )
             )
-            if not rows:
-                return []
-            host_uuids = {row.host_uuid for row in rows}
-            hosts = await session.execute(select(Host.uuid, Host.agent_url).where(Host.uuid.in_(host_uuids)))
-            urls = {host_uuid: agent_url for host_uuid, agent_url in hosts}
         grouped: dict[tuple[UUID, UUID, UUID | None], _OrphanGroup] = {}
         for row in rows:
             key = (row.host_uuid, row.vm_uuid, row.job_id)
             if key not in grouped:
-                grouped[key] = _OrphanGroup(row.host_uuid, row.vm_uuid, row.job_id, urls[row.host_uuid], [], [])
+                grouped[key] = _OrphanGroup(
+                    row.host_uuid, row.vm_uuid, row.job_id, row.agent_url, [], [], probe=row.probe
+                )
             grouped[key].uuids.append(row.uuid)
             grouped[key].files.append(FileToDelete(path=row.path, type=row.type))
         return list(grouped.values())
 
     async def _retry_group(self, token: UUID, group: _OrphanGroup) -> None:
-        result = await self._agent.delete_files(group.agent_url, group.vm_uuid, group.files)
+        result = await self._agent.delete_files(group.agent_url, group.vm_uuid, group.files, host_uuid=group.host_uuid)
         try:
             await self._record(token, group, result)
         except Exception as error:
@@ -101,6 +105,20 @@ class OrphanReaper:
 
     async def _record(self, token: UUID, group: _OrphanGroup, result: HostDeleteResult) -> None:
         async with self._sessions() as session, session.begin():
+            if result.contact == "not_called":
+                await session.execute(text(QUERIES["release"]), {"uuids": group.uuids, "token": token})
+                log.info("orphan retry not sent", extra={**group.log_fields(), "reason": result.error})
+                return
+            # Before the group's own orphans are confirmed or backed off: a host that answers again makes its other
+            # orphans due, not those whose call just failed.
+            await record_contact(
+                session,
+                group.host_uuid,
+                result,
+                base=self._retry_seconds,
+                cap=self._retry_max_seconds,
+                fields=group.log_fields(),
+            )
             if result.ok:
                 await session.execute(text(QUERIES["confirm"]), {"uuids": group.uuids, "token": token})
                 log.info("orphan files deleted", extra={**group.log_fields(), "files": len(group.uuids)})
@@ -117,5 +135,6 @@ class OrphanReaper:
                 },
             )
         log.warning(
-            "orphan retry failed", extra={**group.log_fields(), "files": len(group.uuids), "reason": result.error}
+            "orphan retry failed",
+            extra={**group.log_fields(), "files": len(group.uuids), "probe": group.probe, "reason": result.error},
         )

@@ -11,6 +11,15 @@
 -- whatever the VM boots with. Backups follow the same rule. `plan` and `files_removed_with_tpm` both select with
 -- it. A deletion of the VM takes every one of its files (`plan` with :every_file), and its cleanup deletes the VM
 -- too (`cleanup` with :delete_vm).
+--
+-- Host health (app/service/orphans/health.py) is recorded by the statements that record host outcomes, in CTEs of
+-- their own: a call left unanswered trips the host (`host_failed`), a call answered on a failing host brings it
+-- back and makes all its orphans due (`host_answered`, `host_orphans_due`), a call not sent changes nothing. They
+-- answer the changes as JSON (`health_changes`), for the log. A healthy host's answer writes nothing there.
+-- A failing host's next probe is one back-off step away: as long as it has been failing, at least
+-- ORPHAN_RETRY_SECONDS (:retry), at most ORPHAN_RETRY_MAX_SECONDS (:cap). The step so doubles with each failed
+-- probe, and the calls that were in flight together when the host went failing do not stretch it (a step doubled
+-- per failed call would put the first probe of a host that failed eight calls at once at the cap).
 
 -- queue_removal --
 -- The job of a removal, inserted only while the VM has a TPM and no job under way. The TPM row is locked, so
@@ -50,9 +59,10 @@ ORDER BY host_files.host_uuid, host_files.path
 
 -- plan --
 -- Fence, then once per job (a resumed job keeps its own plan) copy its files (every one with :every_file, else
--- those that go with the TPM) and count them per host, and answer the files of the hosts still pending. `before`
--- is the job row as the statement found it: whether it was planned already. A job with nothing (left) to delete
--- answers one row of NULLs, so that its fence still shows.
+-- those that go with the TPM) and count them per host, and answer the files of the hosts still pending, with since
+-- when each host is failing (null while it is ok: the job does not call a failing host). `before` is the job row as
+-- the statement found it: whether it was planned already. A job with nothing (left) to delete answers one row of
+-- NULLs, so that its fence still shows.
 WITH job AS (
     UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second', planned = true
     FROM jobs AS before
@@ -76,37 +86,75 @@ WITH job AS (
     JOIN job_hosts ON job_hosts.job_id = job_files.job_id AND job_hosts.host_uuid = job_files.host_uuid
     WHERE job.was_planned AND job_files.job_id = :job_id AND job_hosts.state = 'pending'
 )
-SELECT pending.host_uuid, hosts.agent_url, pending.path, pending.type
-FROM job LEFT JOIN (pending JOIN hosts ON hosts.uuid = pending.host_uuid) ON true
+SELECT pending.host_uuid, hosts.agent_url, pending.path, pending.type,
+       host_health.failing_since, host_health.last_error
+FROM job LEFT JOIN (
+    pending JOIN hosts ON hosts.uuid = pending.host_uuid
+    LEFT JOIN host_health ON host_health.host_uuid = pending.host_uuid AND host_health.state = 'failing'
+) ON true
 ORDER BY pending.host_uuid, pending.path
 
 -- record_outcomes --
 -- Host outcomes that land while other hosts of the job are still being called, recorded on the job's pending
--- hosts. They come as three arrays of the same length; host UUIDs as text, since asyncpg knows text[] from the
--- start but would look uuid[] up on each new connection (three more round trips inside the statement).
+-- hosts, and each host's health. They come as four arrays of the same length (the contact is the agent client's:
+-- answered, unanswered or not_called); host UUIDs as text, since asyncpg knows text[] from the start but would look
+-- uuid[] up on each new connection (three more round trips inside the statement).
 WITH job AS (
     UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second'
     WHERE jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running'
     RETURNING id
 ), outcome AS (
-    SELECT CAST(host AS uuid) AS host_uuid, state, error
-    FROM unnest(CAST(:hosts AS text[]), CAST(:states AS text[]), CAST(:errors AS text[])) AS outcome(host, state, error)
+    SELECT CAST(host AS uuid) AS host_uuid, state, error, contact
+    FROM unnest(CAST(:hosts AS text[]), CAST(:states AS text[]), CAST(:errors AS text[]), CAST(:contacts AS text[]))
+        AS outcome(host, state, error, contact)
 ), recorded AS (
     UPDATE job_hosts SET state = outcome.state, error = outcome.error
     FROM job, outcome
     WHERE job_hosts.job_id = job.id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
+), host_failed AS (
+    INSERT INTO host_health AS health (host_uuid, state, consecutive_failures, last_error, failing_since, next_probe_at)
+    SELECT outcome.host_uuid, 'failing', 1, outcome.error, now(), now() + least(CAST(:cap AS float8), CAST(:retry AS float8)) * interval '1 second'
+    FROM job, outcome
+    WHERE outcome.contact = 'unanswered'
+    -- Row locks taken in one order by every statement: two jobs failing on the same hosts never deadlock.
+    ORDER BY outcome.host_uuid
+    ON CONFLICT (host_uuid) DO UPDATE SET
+        state = 'failing',
+        consecutive_failures = health.consecutive_failures + 1,
+        last_error = excluded.last_error,
+        failing_since = coalesce(health.failing_since, excluded.failing_since),
+        next_probe_at = now() + least(CAST(:cap AS float8), greatest(CAST(:retry AS float8), CAST(
+            extract(epoch FROM now() - coalesce(health.failing_since, now())) AS float8))) * interval '1 second'
+    RETURNING host_uuid, consecutive_failures, last_error
+), host_answered AS (
+    UPDATE host_health SET state = 'ok', consecutive_failures = 0, failing_since = NULL, next_probe_at = NULL
+    FROM job, outcome, host_health AS before
+    WHERE host_health.host_uuid = outcome.host_uuid AND outcome.contact = 'answered'
+      AND host_health.state = 'failing' AND before.host_uuid = host_health.host_uuid
+    RETURNING host_health.host_uuid, before.consecutive_failures, before.last_error
+), host_orphans_due AS (
+    UPDATE orphan_files SET next_attempt_at = now()
+    FROM host_answered
+    WHERE orphan_files.host_uuid = host_answered.host_uuid AND orphan_files.claim_token IS NULL
+), health_changes AS (
+    SELECT host_uuid, 'failing' AS state, consecutive_failures, last_error FROM host_failed
+    WHERE consecutive_failures = 1
+    UNION ALL
+    SELECT host_uuid, 'ok', consecutive_failures, last_error FROM host_answered
 )
-SELECT id FROM job
+SELECT id, (SELECT json_agg(health_changes) FROM health_changes) AS health_changes FROM job
 
 -- cleanup --
 -- The job's database work after its host calls, in one statement however many files and hosts it has: the last
--- host outcomes recorded (as in record_outcomes), orphans and confirmations recorded from every host's outcome,
--- file records, the VM's key binding and TPM (and with :delete_vm the VM) deleted, and the job succeeded, which is
--- also its fence. The job keeps the TPM it removed: while the job is under way no TPM of the VM is created or
--- removed, so the VM's TPM is the job's (a deletion queued just as a TPM was created may not have named it).
+-- host outcomes and their hosts' health recorded (as in record_outcomes), orphans and confirmations recorded from
+-- every host's outcome, file records, the VM's key binding and TPM (and with :delete_vm the VM) deleted, and the job
+-- succeeded, which is also its fence. The job keeps the TPM it removed: while the job is under way no TPM of the VM
+-- is created or removed, so the VM's TPM is the job's (a deletion queued just as a TPM was created may not have
+-- named it).
 WITH outcome AS (
-    SELECT CAST(host AS uuid) AS host_uuid, state, error
-    FROM unnest(CAST(:hosts AS text[]), CAST(:states AS text[]), CAST(:errors AS text[])) AS outcome(host, state, error)
+    SELECT CAST(host AS uuid) AS host_uuid, state, error, contact
+    FROM unnest(CAST(:hosts AS text[]), CAST(:states AS text[]), CAST(:errors AS text[]), CAST(:contacts AS text[]))
+        AS outcome(host, state, error, contact)
 ), host_outcome AS (
     SELECT job_hosts.host_uuid,
            CASE WHEN outcome.host_uuid IS NULL THEN job_hosts.state ELSE outcome.state END AS state,
@@ -149,5 +197,35 @@ WITH outcome AS (
     DELETE FROM tpms USING job WHERE tpms.vm_uuid = :vm_uuid
 ), vm AS (
     DELETE FROM vms USING job WHERE vms.uuid = :vm_uuid AND CAST(:delete_vm AS boolean)
+), host_failed AS (
+    INSERT INTO host_health AS health (host_uuid, state, consecutive_failures, last_error, failing_since, next_probe_at)
+    SELECT outcome.host_uuid, 'failing', 1, outcome.error, now(), now() + least(CAST(:cap AS float8), CAST(:retry AS float8)) * interval '1 second'
+    FROM job, outcome
+    WHERE outcome.contact = 'unanswered'
+    -- Row locks taken in one order by every statement: two jobs failing on the same hosts never deadlock.
+    ORDER BY outcome.host_uuid
+    ON CONFLICT (host_uuid) DO UPDATE SET
+        state = 'failing',
+        consecutive_failures = health.consecutive_failures + 1,
+        last_error = excluded.last_error,
+        failing_since = coalesce(health.failing_since, excluded.failing_since),
+        next_probe_at = now() + least(CAST(:cap AS float8), greatest(CAST(:retry AS float8), CAST(
+            extract(epoch FROM now() - coalesce(health.failing_since, now())) AS float8))) * interval '1 second'
+    RETURNING host_uuid, consecutive_failures, last_error
+), host_answered AS (
+    UPDATE host_health SET state = 'ok', consecutive_failures = 0, failing_since = NULL, next_probe_at = NULL
+    FROM job, outcome, host_health AS before
+    WHERE host_health.host_uuid = outcome.host_uuid AND outcome.contact = 'answered'
+      AND host_health.state = 'failing' AND before.host_uuid = host_health.host_uuid
+    RETURNING host_health.host_uuid, before.consecutive_failures, before.last_error
+), host_orphans_due AS (
+    UPDATE orphan_files SET next_attempt_at = now()
+    FROM host_answered
+    WHERE orphan_files.host_uuid = host_answered.host_uuid AND orphan_files.claim_token IS NULL
+), health_changes AS (
+    SELECT host_uuid, 'failing' AS state, consecutive_failures, last_error FROM host_failed
+    WHERE consecutive_failures = 1
+    UNION ALL
+    SELECT host_uuid, 'ok', consecutive_failures, last_error FROM host_answered
 )
-SELECT orphan_files FROM job
+SELECT orphan_files, (SELECT json_agg(health_changes) FROM health_changes) AS health_changes FROM job

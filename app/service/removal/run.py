@@ -7,8 +7,9 @@ Host calls come before the database transaction, never after it: a record is del
 file's fate is known (confirmed gone, or kept as an orphan to retry), so nothing on a host is ever left
 without a record pointing at it. The key-provider binding goes in that same transaction as the records,
 so a TPM state file is never left on disk without the binding of the key that can read it while
-its deletion is unconfirmed. Every write is fenced by the job's lease token (see app/service/jobs/queue.py);
-the statements are in queries.sql beside this module.
+its deletion is unconfirmed. A host that is failing (app/service/orphans/health.py) is not called: its files
+become orphans at once, and its probes tell when it answers again. Every write is fenced by the job's lease token
+(see app/service/jobs/queue.py); the statements are in queries.sql beside this module.
 """
 
 import asyncio
@@ -24,12 +25,13 @@ import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult
+from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult, not_called
 from app.service.db.engine import DriverStatement, driver_connection
 from app.service.db.queries import load_queries
 from app.service.errors import LeaseLostError
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim
+from app.service.orphans.health import log_health_changes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class HostPlan:
     host_uuid: UUID
     agent_url: str
     files: list[FileToDelete]
+    failing: HostDeleteResult | None
+    """The outcome of a host that is failing: not called, saying since when and why; None while it is ok."""
 
 
 # How long the first outcome of a batch waits for the job's other hosts before it is written without them.
@@ -73,6 +77,7 @@ def _outcome_params(outcomes: Sequence[tuple[UUID, HostDeleteResult]]) -> dict[s
         "hosts": [str(host) for host, _ in outcomes],
         "states": ["deleted" if result.ok else "failed" for _, result in outcomes],
         "errors": [result.error for _, result in outcomes],
+        "contacts": [result.contact for _, result in outcomes],
     }
 
 
@@ -81,12 +86,19 @@ class Removal:
     claiming."""
 
     def __init__(
-        self, engine: AsyncEngine, agent: AgentClient, *, scope: RemovalScope, orphan_retry_seconds: float
+        self,
+        engine: AsyncEngine,
+        agent: AgentClient,
+        *,
+        scope: RemovalScope,
+        orphan_retry_seconds: float,
+        orphan_retry_max_seconds: float,
     ) -> None:
         self._engine = engine
         self._agent = agent
         self._scope = scope
-        self._orphan_retry_seconds = orphan_retry_seconds
+        # The back-off of orphans and of a failing host's probes: from the first, doubling, up to the cap.
+        self._backoff = {"retry": orphan_retry_seconds, "cap": orphan_retry_max_seconds}
 
     async def run(self, claim: JobClaim, lease: LeaseClock) -> int:
         """Carry a claimed job to its end; the number of orphan files it left. Raises LeaseLostError."""
@@ -112,12 +124,13 @@ class Removal:
         """Record the job's files and hosts once (a resumed job keeps its plan); the hosts still pending."""
         rows = await self._fenced(claim, lease, _PLAN, {"vm_uuid": claim.vm_uuid, "every_file": self._scope.every_file})
         plans: dict[UUID, HostPlan] = {}
-        for host_uuid, agent_url, path, file_type in rows:
+        for host_uuid, agent_url, path, file_type, failing_since, last_error in rows:
             if host_uuid is None:  # the job has no file (left) to delete
                 continue
             plan = plans.get(host_uuid)
             if plan is None:
-                plan = plans[host_uuid] = HostPlan(host_uuid, agent_url, [])
+                failing = None if failing_since is None else not_called(failing_since, last_error)
+                plan = plans[host_uuid] = HostPlan(host_uuid, agent_url, [], failing)
             plan.files.append(FileToDelete(path=path, type=file_type))
         return list(plans.values())
 
@@ -129,15 +142,23 @@ class Removal:
         The outcomes that came last, with no host left to wait for, are not written here but returned: the
         cleanup records them in its own statement.
         """
-        recorder = _OutcomeRecorder(
-            lambda outcomes: self._fenced(claim, lease, _RECORD_OUTCOMES, _outcome_params(outcomes)),
-            hosts=len(hosts),
-        )
+
+        async def record_outcomes(outcomes: list[tuple[UUID, HostDeleteResult]]) -> None:
+            params = {**self._backoff, **_outcome_params(outcomes)}
+            (row,) = await self._fenced(claim, lease, _RECORD_OUTCOMES, params)
+            log_health_changes(row["health_changes"], claim.log_fields())
+
+        recorder = _OutcomeRecorder(record_outcomes, hosts=len(hosts))
 
         async def delete_on_host(host: HostPlan) -> None:
             if not lease.valid():
                 raise LeaseLostError(f"job {claim.job_id}: lease may have run out, host not called")
-            result = await self._agent.delete_files(host.agent_url, claim.vm_uuid, host.files)
+            if host.failing is None:
+                result = await self._agent.delete_files(
+                    host.agent_url, claim.vm_uuid, host.files, host_uuid=host.host_uuid
+                )
+            else:
+                result = host.failing
             if not result.ok:
                 log.warning(
                     "host delete failed; its files become orphans",
@@ -169,10 +190,11 @@ class Removal:
         params = {
             "vm_uuid": claim.vm_uuid,
             "delete_vm": self._scope.vm,
-            "retry": self._orphan_retry_seconds,
+            **self._backoff,
             **_outcome_params(last_outcomes),
         }
         (row,) = await self._fenced(claim, lease, _CLEANUP, params)
+        log_health_changes(row["health_changes"], claim.log_fields())
         return int(row["orphan_files"])
 
 
