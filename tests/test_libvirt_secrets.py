@@ -2,7 +2,6 @@
 (and refusing any other), and the service tracking a secret like a file: plan, orphan, retry, audit."""
 
 import asyncio
-import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from tests.conftest import AppFactory, create_database
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 from tests.problem_helpers import assert_problem
 from tests.real_libvirt import LibvirtDaemon, missing_requirement, secret_path
+from tests.real_parts import require
 from tests.real_swtpm import real_vm_state
 from tests.reliability.process_helpers import wait_until
 
@@ -34,12 +34,7 @@ from tests.reliability.process_helpers import wait_until
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def module_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LibvirtDaemon]:
     """One real libvirtd for the module's tests, on a private socket."""
-    reason = missing_requirement()
-    if reason is not None:
-        # .ci/run installs what these tests need: in CI, a skip would hide that it did not.
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require(missing_requirement())
     daemon = LibvirtDaemon(tmp_path_factory.mktemp("libvirt"))
     await daemon.start()
     yield daemon
