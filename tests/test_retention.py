@@ -119,6 +119,36 @@ async def test_a_job_past_retention_goes_with_its_outcomes_and_confirmations_and
         )
 
 
+async def test_an_orphan_confirmed_after_its_job_was_pruned_leaves_no_row_behind(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    client = await make_client(job_retention_seconds=RETENTION_SECONDS)
+    vm = await put_vm(client)
+    host = await put_host(client, DEAD_AGENT)
+    (path,) = make_files(tmp_path, vm, "tpm2-00.permall")
+    orphan = await add_file(client, vm, host, path)
+    job = await remove_tpm(client, vm)
+    assert job["orphan_files"] == 1, job
+    await finished_long_ago(client, job["id"])
+
+    async def pruned() -> bool:
+        return (await client.get(f"/jobs/{job['id']}")).status_code == 404
+
+    await wait_until(pruned, timeout=20, what="the worker pruned the job past its retention")
+    async with running_agent(tmp_path) as url:
+        assert (await client.put(f"/hosts/{host}", json={"name": "kvm", "agent_url": url})).status_code == 200
+
+        async def confirmed() -> bool:
+            return (await client.get("/orphan-files", params={"host_uuid": host})).json() == []
+
+        await wait_until(confirmed, timeout=30, what="the orphan confirmed by its host, back with a live agent")
+    assert not path.exists()
+    for table in ("confirmed_deletions", "file_ledger"):
+        count = await scalar(client, f"SELECT count(*) FROM {table} WHERE file_uuid = :f", f=uuid.UUID(orphan["uuid"]))
+        assert count == 0, table
+    await audit_of(client, vm)
+
+
 async def test_a_job_within_retention_is_kept(make_client: AppFactory) -> None:
     client = await make_client(run_worker=False, job_retention_seconds=RETENTION_SECONDS)
     vm = await put_vm(client)

@@ -55,14 +55,19 @@ RETURNING orphan_files.uuid, orphan_files.host_uuid, orphan_files.vm_uuid, orpha
           orphan_files.type, hosts.agent_url, chosen.probe
 
 -- confirm --
--- The host confirmed: the orphans of this claim are gone, and their deletion is confirmed in the ledger.
+-- The host confirmed: the orphans of this claim are gone, and their deletion is confirmed in the ledger. An orphan
+-- whose job was pruned already (it outlived JOB_RETENTION_SECONDS) is forgotten as its job's confirmed files were
+-- when the job went: its ledger row goes and no confirmation is kept, which no pruning would ever delete.
 WITH gone AS (
     DELETE FROM orphan_files WHERE uuid = ANY(CAST(:uuids AS uuid[])) AND claim_token = :token
-    RETURNING uuid, host_uuid, path, job_id
+    RETURNING uuid, host_uuid, path, job_id,
+        job_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = orphan_files.job_id) AS job_pruned
+), confirmed AS (
+    INSERT INTO confirmed_deletions (file_uuid, host_uuid, path, job_id)
+    SELECT uuid, host_uuid, path, job_id FROM gone WHERE NOT job_pruned
+    ON CONFLICT (file_uuid) DO NOTHING
 )
-INSERT INTO confirmed_deletions (file_uuid, host_uuid, path, job_id)
-SELECT uuid, host_uuid, path, job_id FROM gone
-ON CONFLICT (file_uuid) DO NOTHING
+DELETE FROM file_ledger USING gone WHERE file_ledger.file_uuid = gone.uuid AND gone.job_pruned
 
 -- back_off --
 -- Exponential backoff from ORPHAN_RETRY_SECONDS (:base), capped at :cap, with a jitter so that the orphans of many
