@@ -250,8 +250,8 @@ class JobOut(BaseModel):
         self._retry_after = seconds
 
 
-class OrphanFileOut(BaseModel):
-    """A file whose host has not yet confirmed its deletion."""
+class _UnconfirmedFileOut(BaseModel):
+    """A file that may still be on its host: its host never confirmed its deletion."""
 
     uuid: UUID
     host_uuid: UUID
@@ -260,19 +260,17 @@ class OrphanFileOut(BaseModel):
     type: FileType
     attempts: int
     last_error: str | None
+
+
+class OrphanFileOut(_UnconfirmedFileOut):
+    """A file whose host has not yet confirmed its deletion."""
+
     next_attempt_at: UtcTime
 
 
-class AbandonedFileOut(BaseModel):
+class AbandonedFileOut(_UnconfirmedFileOut):
     """An orphan file of a decommissioned host: never retried nor deleted; it may still be on that disk."""
 
-    uuid: UUID
-    host_uuid: UUID
-    vm_uuid: UUID
-    path: str
-    type: FileType
-    attempts: int
-    last_error: str | None
     abandoned_at: UtcTime
 
 
