@@ -133,6 +133,12 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
         raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error) from error
     try:
         yield pooled.driver_connection
+    except BaseException as error:
+        if is_database_unavailable(error):
+            # A connection whose statement failed for its connection's sake (broken by a database restart, or left
+            # by asyncpg in the middle of an operation) is never handed out again: the next checkout opens a new one.
+            await asyncio.shield(greenlet_spawn(pooled.invalidate, error))
+        raise
     finally:
         # As SQLAlchemy's AsyncConnection does: back to the pool even when the caller is being cancelled.
         await asyncio.shield(greenlet_spawn(pooled.close))
@@ -191,7 +197,10 @@ def is_database_unavailable(error: BaseException) -> bool:
         | asyncpg.exceptions.AdminShutdownError
         | asyncpg.exceptions.ConnectionFailureError
         | asyncpg.exceptions.TooManyConnectionsError
-        | asyncpg.exceptions.InterfaceError,
+        | asyncpg.exceptions.InterfaceError
+        # asyncpg's word for a connection still busy with an operation an outage cut short (seen in
+        # tests/reliability/test_database_restart.py): the connection is unusable, the database may be fine.
+        | asyncpg.exceptions.InternalClientError,
     ) or (
         isinstance(error, asyncpg.exceptions.PostgresError) and getattr(error, "sqlstate", "").startswith(("08", "57P"))
     )
