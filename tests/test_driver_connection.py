@@ -3,7 +3,7 @@
 import asyncpg
 import pytest
 
-from app.service.db.engine import create_engine, driver_connection
+from app.service.db.engine import create_engine, driver_connection, is_database_unavailable
 from app.service.errors import NotFoundError
 
 
@@ -27,6 +27,8 @@ async def test_a_connection_asyncpg_left_mid_operation_is_replaced(database_url:
     error = asyncpg.exceptions.InternalClientError("cannot switch to state 11; another operation (2) is in progress")
     before, after = await backend_pid_after(database_url, error)
     assert before != after
+    # And the request that met it answers 503, as during any outage, not 500.
+    assert is_database_unavailable(error)
 
 
 async def test_a_connection_is_kept_when_the_request_failed_for_another_reason(database_url: str) -> None:

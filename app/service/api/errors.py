@@ -104,7 +104,14 @@ def install_error_handlers(app: FastAPI) -> None:
     # ExceptionMiddleware answers them; the catch-all `Exception` handler runs in ServerErrorMiddleware,
     # which re-raises after answering: a traceback per call during an outage, and an error in ASGI clients.
     # asyncpg's own errors come from the statements that run past SQLAlchemy (app.service.db.engine.DriverStatement).
-    for error_class in (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    for error_class in (
+        sa_exc.DBAPIError,
+        sa_exc.TimeoutError,
+        OSError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.exceptions.InternalClientError,
+    ):
         app.add_exception_handler(error_class, _on_unexpected_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
 
