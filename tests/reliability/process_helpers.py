@@ -180,10 +180,7 @@ class FaultHarness:
 
     async def client(self, service: LocalProcess) -> httpx.AsyncClient:
         """An HTTP client of `service`, closed with the harness."""
-        # uvicorn closes a connection idle for 5 s; a request sent on it just then fails with a ReadError. Kept
-        # connections are dropped sooner here, so that no test meets that race (the callers are tests, not users).
-        limits = httpx.Limits(keepalive_expiry=2.0)
-        return await self._stack.enter_async_context(httpx.AsyncClient(base_url=service.url, timeout=30, limits=limits))
+        return await self._stack.enter_async_context(httpx.AsyncClient(base_url=service.url, timeout=30))
 
     async def add_host(
         self, http: httpx.AsyncClient, agent_type: Callable[[Path], LoggingAgent] = LoggingAgent
