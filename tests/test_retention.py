@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -14,6 +15,7 @@ from app.service.audit import AuditReport, audit
 from app.service.db.engine import driver_connection
 from app.service.jobs.queue import prune_jobs
 from app.service.jobs.worker import Worker
+from app.service.metrics import refresh_gauges
 from app.service.settings import Settings
 from tests.agent_helpers import running_agent
 from tests.conftest import AppFactory
@@ -209,3 +211,21 @@ def test_retention_is_seven_days_unless_set(monkeypatch: pytest.MonkeyPatch) -> 
     assert Settings().job_retention_seconds == 604800
     monkeypatch.setenv("JOB_RETENTION_SECONDS", "60")
     assert Settings().job_retention_seconds == 60
+
+
+async def test_the_jobs_gauge_counts_finished_jobs_only_when_asked(make_client: AppFactory) -> None:
+    client = await make_client(run_worker=False)
+    vm = await put_vm(client, tpm=False)
+
+    async def succeeded_after_refresh(*, finished_jobs: bool) -> float | None:
+        async with sessions_of(client)() as session:
+            await refresh_gauges(session, finished_jobs=finished_jobs)
+        return REGISTRY.get_sample_value("tpm_removal_jobs_current", {"state": "succeeded"})
+
+    before = await succeeded_after_refresh(finished_jobs=True)
+    assert before is not None
+    await insert_finished_job(client, vm)
+
+    # The refreshes between the counts of finished jobs (a scan of the retained ones) leave their gauge as it was.
+    assert await succeeded_after_refresh(finished_jobs=False) == before
+    assert await succeeded_after_refresh(finished_jobs=True) == before + 1

@@ -7,7 +7,16 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.service.db.models import HEALTH_STATES, JOB_STATES, AbandonedFile, Host, HostHealth, Job, OrphanFile
+from app.service.db.models import (
+    ACTIVE_JOB_STATES,
+    HEALTH_STATES,
+    JOB_STATES,
+    AbandonedFile,
+    Host,
+    HostHealth,
+    Job,
+    OrphanFile,
+)
 
 JOBS_TOTAL = Counter("tpm_removal_jobs_total", "Removal jobs that reached a state, by state", ["state"])
 AGENT_CALLS_TOTAL = Counter("tpm_agent_calls_total", "Host agent delete calls, by outcome", ["outcome"])
@@ -24,13 +33,22 @@ JOBS_BY_STATE = Gauge("tpm_removal_jobs_current", "Removal jobs in the database 
 HOSTS_BY_HEALTH = Gauge("tpm_hosts", "Hosts in the database now, by health state", ["state"])
 
 
-async def refresh_gauges(session: AsyncSession) -> None:
+async def refresh_gauges(session: AsyncSession, *, finished_jobs: bool = True) -> None:
     """Set the database-backed gauges (jobs by state, orphan files pending, abandoned files, hosts by health) from
-    cheap queries."""
+    cheap queries.
+
+    Finished jobs are counted only when `finished_jobs`: they are nearly all of the table (JOB_RETENTION_SECONDS of
+    them), which only a scan counts (30 ms at 100,000 jobs in the benchmark), while the active ones are few and
+    counted through the claim index, which holds only them.
+    """
+    counted_states = JOB_STATES if finished_jobs else ACTIVE_JOB_STATES
     counts: dict[str, int] = {
-        state: count for state, count in await session.execute(select(Job.state, func.count()).group_by(Job.state))
+        state: count
+        for state, count in await session.execute(
+            select(Job.state, func.count()).where(Job.state.in_(counted_states)).group_by(Job.state)
+        )
     }
-    for state in JOB_STATES:
+    for state in counted_states:
         JOBS_BY_STATE.labels(state=state).set(counts.get(state, 0))
     ORPHAN_FILES.set(await session.scalar(select(func.count()).select_from(OrphanFile)) or 0)
     ABANDONED_FILES.set(await session.scalar(select(func.count()).select_from(AbandonedFile)) or 0)

@@ -5,6 +5,7 @@ Nothing here knows what a job does: it hands each claimed job to the handler reg
 """
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,6 +24,8 @@ from app.service.orphans.reaper import OrphanReaper
 log = logging.getLogger(__name__)
 
 _GAUGE_REFRESH_SECONDS = 5.0
+# Finished jobs are counted every twelfth refresh (a minute): counting them is a scan of the retained jobs.
+_FINISHED_JOBS_EVERY_REFRESHES = 12
 # Jobs pruned per statement: small enough that each statement holds its row locks and writes its WAL for
 # milliseconds, so that a backlog (a first start with retention, a long outage) drains in small steps.
 PRUNE_BATCH_JOBS = 100
@@ -231,10 +234,10 @@ class Worker:
         return pruned
 
     async def _gauge_loop(self) -> None:
-        while True:
+        for refresh in itertools.count():
             try:
                 async with self._sessions() as session:
-                    await refresh_gauges(session)
+                    await refresh_gauges(session, finished_jobs=refresh % _FINISHED_JOBS_EVERY_REFRESHES == 0)
             except Exception as error:
                 _log_loop_error("refresh gauges", error)
             await asyncio.sleep(_GAUGE_REFRESH_SECONDS)
