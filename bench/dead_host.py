@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from app.agent.server import create_agent_app
+from bench.database import settle_disk
 from bench.scenarios import fan_out_run, removal_run
 from bench.seed import FileSpec, Seeder
 
@@ -118,6 +119,7 @@ async def dead_host_run(
     # The service's first removals open its connections and prepare its statements: not what is compared.
     for vm in warmup:
         await fan_out_run(http, database, base_url, vm)
+    await settle_disk(database)
     quiet_runs = [(await fan_out_run(http, database, base_url, vm)).caller_seconds for vm in quiet]
 
     touching = await seeder.vms([[FileSpec(dead_host, "TpmState"), FileSpec(healthy_host, "TpmState")]] * removals)
@@ -126,6 +128,9 @@ async def dead_host_run(
 
     # The window: the healthy-only removals, spread over it, while the reaper works on the dead host's backlog.
     during = await seeder.vms(healthy_only)
+    # The window's removals carry the cost of the backlog's retries, not the kernel's writeback of what the removals
+    # above wrote, which lands about 30 s after them, in this window (settle_disk).
+    await settle_disk(database)
     window_start = time.monotonic()
     backlog_runs = []
     for index, vm in enumerate(during):
