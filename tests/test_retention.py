@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.service.audit import AuditReport, audit
 from app.service.db.engine import driver_connection
 from app.service.jobs.queue import prune_jobs
+from app.service.jobs.retention import PRUNE_BATCH_JOBS, rest_after_batch
 from app.service.jobs.worker import Worker
 from app.service.metrics import refresh_gauges
 from app.service.settings import Settings
@@ -229,3 +230,21 @@ async def test_the_jobs_gauge_counts_finished_jobs_only_when_asked(make_client: 
     # The refreshes between the counts of finished jobs (a scan of the retained ones) leave their gauge as it was.
     assert await succeeded_after_refresh(finished_jobs=False) == before
     assert await succeeded_after_refresh(finished_jobs=True) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("finished_per_second", "batch_seconds", "rest"),
+    [
+        (0.0, 0.010, 0.090),  # nothing finishing: a backlog is pruned gently, 9x each batch's time
+        (100.0, 0.010, 0.090),  # finishing slower than the gentle pace prunes: still gentle
+        (300.0, 0.050, 100 / 450 - 0.050),  # faster: only as much rest as keeps 1.5x their pace
+        (10_000.0, 0.050, 0.0),  # far faster than any rest allows: none
+    ],
+    ids=["idle", "slow", "fast", "flat-out"],
+)
+def test_the_pruner_rests_gently_unless_jobs_finish_faster(
+    finished_per_second: float, batch_seconds: float, rest: float
+) -> None:
+    assert rest_after_batch(
+        pruned=PRUNE_BATCH_JOBS, batch_seconds=batch_seconds, finished_per_second=finished_per_second
+    ) == pytest.approx(rest)

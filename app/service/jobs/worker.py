@@ -18,6 +18,7 @@ from app.service.db.notify import Notifications, wait_for_any
 from app.service.errors import LeaseLostError
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim, claim_jobs, prune_jobs, record_job_failure, release_job, renew_leases
+from app.service.jobs.retention import PRUNE_BATCH_JOBS, rest_after_batch
 from app.service.metrics import JOBS_TOTAL, refresh_gauges
 from app.service.orphans.reaper import OrphanReaper
 
@@ -26,13 +27,6 @@ log = logging.getLogger(__name__)
 _GAUGE_REFRESH_SECONDS = 5.0
 # Finished jobs are counted every twelfth refresh (a minute): counting them is a scan of the retained jobs.
 _FINISHED_JOBS_EVERY_REFRESHES = 12
-# Jobs pruned per statement: small enough that each statement holds its row locks and writes its WAL for
-# milliseconds, so that a backlog (a first start with retention, a long outage) drains in small steps.
-PRUNE_BATCH_JOBS = 100
-# After a full batch, the pruner rests this many times as long as the batch took: a tenth of one connection's time.
-# Resting 3x (a quarter) doubled the DELETE p99 while 100,000 jobs were pruned; 9x keeps it within 1.5x, and the
-# backlog still goes at about 1,000 jobs a second (docs/BENCHMARK.md, fifth round).
-PRUNE_PAUSE_FACTOR = 9.0
 
 JobHandler = Callable[[JobClaim, LeaseClock], Awaitable[int]]
 """Carries a claimed job to its end, its writes fenced by the claim; the number of orphan files it left.
@@ -66,6 +60,8 @@ class Worker:
         self._max_jobs = max_jobs
         self._max_failures = max_failures
         self._running: dict[UUID, tuple[JobClaim, LeaseClock, asyncio.Task[None]]] = {}
+        self._jobs_ended = 0
+        """Jobs this process has run to an end, however they ended: the pace the pruner keeps up with."""
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
@@ -157,6 +153,7 @@ class Worker:
         except Exception as error:
             await self._job_failed(claim, error)
         finally:
+            self._jobs_ended += 1
             self._running.pop(claim.job_id, None)
             self._slot_freed.set()
 
@@ -213,6 +210,7 @@ class Worker:
                 await asyncio.sleep(self._poll_seconds)
 
     async def _prune_loop(self) -> None:
+        ended, since = self._jobs_ended, time.monotonic()
         while True:
             started = time.monotonic()
             try:
@@ -220,12 +218,19 @@ class Worker:
             except Exception as error:
                 _log_loop_error("prune jobs", error)
                 pruned = 0
+            now = time.monotonic()
+            finished_per_second = (self._jobs_ended - ended) / (now - since)
+            ended, since = self._jobs_ended, now
             if pruned < PRUNE_BATCH_JOBS:
                 await asyncio.sleep(self._poll_seconds)
             else:
-                # More are due. Pausing between batches keeps a backlog's pruning to a tenth of one connection's time,
-                # and its WAL to small bursts, so that the requests and jobs meanwhile do not queue behind it.
-                await asyncio.sleep(PRUNE_PAUSE_FACTOR * (time.monotonic() - started))
+                # More are due: a rest between batches keeps the requests and jobs meanwhile from queueing behind a
+                # backlog's pruning, as long as the pruning keeps up with the jobs that finish (jobs/retention.py).
+                await asyncio.sleep(
+                    rest_after_batch(
+                        pruned=pruned, batch_seconds=now - started, finished_per_second=finished_per_second
+                    )
+                )
 
     async def prune_once(self) -> int:
         """Delete one batch of jobs past their retention; how many went."""

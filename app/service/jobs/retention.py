@@ -1,0 +1,27 @@
+"""The pruner's pace: gentle through a backlog of finished jobs, never slower than this process finishes them.
+
+A backlog (a first start with retention, a long outage's jobs coming due together) is pruned with a rest after each
+batch of GENTLE_REST_FACTOR times the batch's time, so that it takes a tenth of one connection's time: resting 3x (a
+quarter) doubled the p99 of `DELETE /vms/{uuid}/tpm` while 100,000 jobs were pruned, 9x keeps it within 1.5x
+(docs/BENCHMARK.md, fifth round). At that pace a service removing at full speed would finish jobs faster than they
+are pruned (300 a second on the benchmark machine against about 150), and its tables would grow without end; so the
+rest is cut as far as it takes to prune CATCH_UP times as many jobs as this process finished meanwhile, down to none.
+"""
+
+# Jobs pruned per statement: small enough that each statement holds its row locks and writes its WAL for
+# milliseconds, so that a backlog drains in small steps.
+PRUNE_BATCH_JOBS = 100
+GENTLE_REST_FACTOR = 9.0
+# More than 1, so that a pruner that fell behind (a burst, a slow disk) catches up rather than staying behind.
+CATCH_UP = 1.5
+
+
+def rest_after_batch(*, pruned: int, batch_seconds: float, finished_per_second: float) -> float:
+    """Seconds to rest after a full batch of `pruned` jobs that took `batch_seconds`, while this process finishes
+    `finished_per_second` jobs."""
+    gentle = GENTLE_REST_FACTOR * batch_seconds
+    if finished_per_second <= 0:
+        return gentle
+    # Keeping up means a batch of `pruned` every pruned / (CATCH_UP * rate) seconds, the batch's own time included.
+    keeping_up = pruned / (CATCH_UP * finished_per_second) - batch_seconds
+    return max(0.0, min(gentle, keeping_up))
