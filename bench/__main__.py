@@ -32,7 +32,7 @@ from app.service.commands import tune_garbage_collector
 from app.service.db.engine import asyncpg_dsn
 from bench import loop
 from bench.cost import STEPS, measure_job_costs
-from bench.database import fresh_database, postgres_server, settle_disk
+from bench.database import fresh_database, postgres_server
 from bench.dead_host import SETTINGS as DEAD_HOST_SETTINGS
 from bench.dead_host import DeadHostFigures, HungAgent, dead_host_run
 from bench.fleet import agent_fleet
@@ -96,7 +96,11 @@ def parse_args() -> argparse.Namespace:
         "--prune-rate", type=float, default=100, help="DELETEs per second while measuring their latency (default 100)"
     )
     parser.add_argument(
-        "--prune-quiet-seconds", type=float, default=20, help="seconds of DELETEs with nothing to prune (default 20)"
+        "--prune-quiet-seconds",
+        type=float,
+        default=60,
+        help="seconds of DELETEs with nothing to prune (default 60: about as long as the pruning, so that both phases "
+        "are as likely to meet one of the machine's stalls)",
     )
     parser.add_argument(
         "--retention-rounds", type=int, default=25, help="rounds of removals of the long run (default 25)"
@@ -275,40 +279,6 @@ async def run(args: argparse.Namespace) -> None:
         # The simulated hosts and the client live in this process: a collector pause over the seeded inventory
         # would hold every agent's answer at once, which no fleet of real hosts does.
         tune_garbage_collector()
-        report()
-        report(
-            f"== 7. dead host: an agent that accepts connections and never answers; {args.dead_host_removals} VMs "
-            "with a file on it and one on a healthy host; a service of its own with "
-            + " ".join(f"{k}={v}" for k, v in DEAD_HOST_SETTINGS.items())
-            + " (AGENT_CONCURRENCY and AGENT_HOST_CONCURRENCY default)"
-        )
-        # First, on a server nothing else has used yet: the autovacuum that the later sections' mass deletes set off
-        # would slow its healthy-only removals (their median went from 9.0 to 16.4 ms when it ran last), which is
-        # no cost of the dead host. A database of its own: another service would take these jobs and probes too.
-        dead_host_database_url = await stack.enter_async_context(fresh_database(server_url))
-        dead_host_database = await asyncpg.connect(asyncpg_dsn(dead_host_database_url))
-        stack.push_async_callback(dead_host_database.close)
-        dead_host_seeder = await Seeder.connect(dead_host_database_url, root)
-        stack.push_async_callback(dead_host_seeder.close)
-        dead = HungAgent(root)
-        dead_url = await stack.enter_async_context(dead.serving())
-        dead_host, healthy_host = await dead_host_seeder.hosts([dead_url, fast_urls[0]])
-        async with serving(dead_host_database_url, "dead-host", **DEAD_HOST_SETTINGS) as dead_host_service:
-            figures = await dead_host_run(
-                http,
-                dead_host_database,
-                dead_host_seeder,
-                dead_host_service.url,
-                dead=dead,
-                dead_host=dead_host,
-                healthy_host=healthy_host,
-                removals=args.dead_host_removals,
-                window_seconds=args.dead_host_window,
-                concurrency=args.concurrency,
-            )
-        report_dead_host(figures)
-        # What the dead-host scenario wrote is written back by the kernel about 30 s later: not in the baseline.
-        await settle_disk(database)
 
         report()
         report("== 2a. baseline: bare FastAPI + SQLAlchemy/asyncpg endpoint, one INSERT and commit per request")
@@ -332,6 +302,40 @@ async def run(args: argparse.Namespace) -> None:
                 limits.append(limit.per_second)
         limit_per_second = statistics.median(limits)
         report(f"baseline INSERTs per second, median of {args.rounds}: {limit_per_second:.0f}/s")
+
+        report()
+        report(
+            f"== 7. dead host: an agent that accepts connections and never answers; {args.dead_host_removals} VMs "
+            "with a file on it and one on a healthy host; a service of its own with "
+            + " ".join(f"{k}={v}" for k, v in DEAD_HOST_SETTINGS.items())
+            + " (AGENT_CONCURRENCY and AGENT_HOST_CONCURRENCY default)"
+        )
+        # Before any mass delete: the autovacuum that sections 6 and 5 set off would slow its healthy-only removals
+        # (their median went from 9.0 to 16.4 ms when it ran last), which is no cost of the dead host; after the
+        # baseline, which its writes and their autovacuum would slow (792-1,029 INSERTs/s when it ran first, against
+        # 1,159-1,251). A database of its own: another service would take these jobs and probes too.
+        dead_host_database_url = await stack.enter_async_context(fresh_database(server_url))
+        dead_host_database = await asyncpg.connect(asyncpg_dsn(dead_host_database_url))
+        stack.push_async_callback(dead_host_database.close)
+        dead_host_seeder = await Seeder.connect(dead_host_database_url, root)
+        stack.push_async_callback(dead_host_seeder.close)
+        dead = HungAgent(root)
+        dead_url = await stack.enter_async_context(dead.serving())
+        dead_host, healthy_host = await dead_host_seeder.hosts([dead_url, fast_urls[0]])
+        async with serving(dead_host_database_url, "dead-host", **DEAD_HOST_SETTINGS) as dead_host_service:
+            figures = await dead_host_run(
+                http,
+                dead_host_database,
+                dead_host_seeder,
+                dead_host_service.url,
+                dead=dead,
+                dead_host=dead_host,
+                healthy_host=healthy_host,
+                removals=args.dead_host_removals,
+                window_seconds=args.dead_host_window,
+                concurrency=args.concurrency,
+            )
+        report_dead_host(figures)
 
         report()
         report(
