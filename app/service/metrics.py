@@ -29,7 +29,11 @@ ORPHAN_FILES = Gauge("tpm_orphan_files", "Orphan files waiting for their host to
 ABANDONED_FILES = Gauge(
     "tpm_abandoned_files", "Orphan files of decommissioned hosts, never retried: they may still be on those disks"
 )
-JOBS_BY_STATE = Gauge("tpm_removal_jobs_current", "Removal jobs in the database now, by state", ["state"])
+JOBS_BY_STATE = Gauge(
+    "tpm_removal_jobs_current",
+    "Removal jobs in the database now, by state (succeeded and failed refreshed every minute, the others every 5 s)",
+    ["state"],
+)
 HOSTS_BY_HEALTH = Gauge("tpm_hosts", "Hosts in the database now, by health state", ["state"])
 
 
