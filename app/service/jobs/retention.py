@@ -1,11 +1,13 @@
 """The pruner's pace: gentle through a backlog of finished jobs, never slower than this process finishes them.
 
 A backlog (a first start with retention, a long outage's jobs coming due together) is pruned with a rest after each
-batch of GENTLE_REST_FACTOR times the batch's time, so that it takes a tenth of one connection's time: resting 3x (a
-quarter) doubled the p99 of `DELETE /vms/{uuid}/tpm` while 100,000 jobs were pruned, 9x keeps it within 1.5x
-(docs/BENCHMARK.md, fifth round). At that pace a service removing at full speed would finish jobs faster than they
-are pruned (300 a second on the benchmark machine against about 150), and its tables would grow without end; so the
-rest is cut as far as it takes to prune CATCH_UP times as many jobs as this process finished meanwhile, down to none.
+batch of GENTLE_REST_FACTOR times the batch's time, so that it takes a tenth of one connection's time. Over three
+rounds of 100,000 jobs, the p99 of `DELETE /vms/{uuid}/tpm` while pruning was 1.55-2.36 times the p99 without it
+resting 3x (a quarter), and 1.09-1.45 times resting 9x (docs/BENCHMARK.md, fifth round, which also says why that
+ratio still moves from run to run). At that pace a service removing at full speed would finish jobs faster than
+they are pruned (300 a second on the benchmark machine against about 150), and its tables would grow without end;
+so the rest is cut as far as it takes to prune CATCH_UP times as many jobs as this process finished meanwhile, down
+to none.
 """
 
 # Jobs pruned per statement: small enough that each statement holds its row locks and writes its WAL for
