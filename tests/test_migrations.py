@@ -15,6 +15,7 @@ from tests.conftest import create_database
 
 OUR_TABLES = set(Base.metadata.tables)
 TRIGGER_FUNCTIONS = {"notify_job_changed", "notify_job_host_changed"}
+PRUNED_TABLES = ("jobs", "job_hosts", "job_files", "confirmed_deletions", "file_ledger")
 
 
 @pytest.fixture
@@ -79,6 +80,26 @@ async def test_downgrade_to_base_leaves_nothing_of_ours_and_upgrade_works_again(
     await asyncio.to_thread(upgrade, empty_database_url)
     assert await run_sync(empty_database_url, tables) == OUR_TABLES | {"alembic_version"}
     assert await run_sync(empty_database_url, schema_differences) == []
+
+
+def vacuum_cost_delays(connection: Connection) -> dict[str, str | None]:
+    """The autovacuum cost delay each table that job retention prunes has of its own (None: the server's)."""
+    rows = connection.execute(
+        text(
+            "SELECT relname, (SELECT option_value FROM pg_options_to_table(reloptions) "
+            "WHERE option_name = 'autovacuum_vacuum_cost_delay') FROM pg_class WHERE relname = ANY(:names)"
+        ),
+        {"names": list(PRUNED_TABLES)},
+    )
+    return {row[0]: row[1] for row in rows}
+
+
+async def test_the_tables_retention_prunes_are_vacuumed_gently_until_downgraded(empty_database_url: str) -> None:
+    await asyncio.to_thread(upgrade, empty_database_url)
+    assert await run_sync(empty_database_url, vacuum_cost_delays) == dict.fromkeys(PRUNED_TABLES, "10")
+
+    await asyncio.to_thread(downgrade, empty_database_url, "0005")
+    assert await run_sync(empty_database_url, vacuum_cost_delays) == dict.fromkeys(PRUNED_TABLES, None)
 
 
 async def test_upgrade_twice_changes_nothing(empty_database_url: str) -> None:

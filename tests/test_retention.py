@@ -248,3 +248,19 @@ def test_the_pruner_rests_gently_unless_jobs_finish_faster(
     assert rest_after_batch(
         pruned=PRUNE_BATCH_JOBS, batch_seconds=batch_seconds, finished_per_second=finished_per_second
     ) == pytest.approx(rest)
+
+
+async def test_every_connection_of_the_service_writes_the_pages_it_evicts_out_at_once(
+    client: httpx.AsyncClient,
+) -> None:
+    # A pruned backlog's pages, evicted by requests and jobs, would otherwise reach the disk in the kernel's bursts.
+    settings = {}
+    for pool in ("engine", "worker_engine"):
+        async with getattr(client.app.state, pool).connect() as connection:  # type: ignore[attr-defined]
+            settings[pool] = await connection.scalar(text("SHOW backend_flush_after"))
+            # Any role may set it when it connects, not only a superuser.
+            context = await connection.scalar(
+                text("SELECT context FROM pg_settings WHERE name = 'backend_flush_after'")
+            )
+    assert settings == {"engine": "256kB", "worker_engine": "256kB"}
+    assert context == "user"
