@@ -235,8 +235,8 @@ async def test_the_jobs_gauge_counts_finished_jobs_only_when_asked(make_client: 
 @pytest.mark.parametrize(
     ("finished_per_second", "batch_seconds", "rest"),
     [
-        (0.0, 0.010, 0.090),  # nothing finishing: a backlog is pruned gently, 9x each batch's time
-        (100.0, 0.010, 0.090),  # finishing slower than the gentle pace prunes: still gentle
+        (0.0, 0.010, 0.190),  # nothing finishing: a backlog is pruned gently, 19x each batch's time
+        (30.0, 0.010, 0.190),  # finishing slower than the gentle pace prunes: still gentle
         (300.0, 0.050, 100 / 450 - 0.050),  # faster: only as much rest as keeps 1.5x their pace
         (10_000.0, 0.050, 0.0),  # far faster than any rest allows: none
     ],

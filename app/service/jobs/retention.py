@@ -1,19 +1,20 @@
 """The pruner's pace: gentle through a backlog of finished jobs, never slower than this process finishes them.
 
 A backlog (a first start with retention, a long outage's jobs coming due together) is pruned with a rest after each
-batch of GENTLE_REST_FACTOR times the batch's time, so that it takes a tenth of one connection's time. Over three
-rounds of 100,000 jobs, the p99 of `DELETE /vms/{uuid}/tpm` while pruning was 1.55-2.36 times the p99 without it
-resting 3x (a quarter), and 1.09-1.45 times resting 9x (docs/BENCHMARK.md, fifth round, which also says why that
-ratio still moves from run to run). At that pace a service removing at full speed would finish jobs faster than
-they are pruned (300 a second on the benchmark machine against about 150), and its tables would grow without end;
-so the rest is cut as far as it takes to prune CATCH_UP times as many jobs as this process finished meanwhile, down
-to none.
+batch of GENTLE_REST_FACTOR times the batch's time, so that it takes a twentieth of one connection's time. Over
+rounds of 100,000 jobs on the benchmark machine, the p99 of `DELETE /vms/{uuid}/tpm` while pruning was 1.55-2.36
+times the p99 without it resting 3x, 1.09-4.22 times resting 9x, and 1.74-1.85 times resting 19x before the disk
+writes that pruning causes were spread out (app/service/db/engine.py, migration 0006; docs/BENCHMARK.md, sixth
+round, has the rounds since, and why that ratio moves so much from run to run on that machine). A gentle pace
+alone falls behind a service removing at full speed, whose load also slows each batch (it finished 300 jobs a second
+on the benchmark machine while a 9x rest pruned about 150), and its tables would grow without end; so the rest is
+cut as far as it takes to prune CATCH_UP times as many jobs as this process finished meanwhile, down to none.
 """
 
 # Jobs pruned per statement: small enough that each statement holds its row locks and writes its WAL for
 # milliseconds, so that a backlog drains in small steps.
 PRUNE_BATCH_JOBS = 100
-GENTLE_REST_FACTOR = 9.0
+GENTLE_REST_FACTOR = 19.0
 # More than 1, so that a pruner that fell behind (a burst, a slow disk) catches up rather than staying behind.
 CATCH_UP = 1.5
 
