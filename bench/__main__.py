@@ -99,8 +99,8 @@ def parse_args() -> argparse.Namespace:
         "--prune-quiet-seconds",
         type=float,
         default=60,
-        help="seconds of DELETEs with nothing to prune (default 60: about as long as the pruning, so that both phases "
-        "are as likely to meet one of the machine's stalls)",
+        help="seconds of DELETEs with nothing to prune (default 60: a 20 s phase met one of the machine's stalls in "
+        "some rounds and not in others)",
     )
     parser.add_argument(
         "--retention-rounds", type=int, default=25, help="rounds of removals of the long run (default 25)"
