@@ -74,8 +74,8 @@ def create_engine(
                 "synchronous_commit": "on" if synchronous_commit else "off",
                 # A backend that must evict a dirty page (a pruned backlog's, mostly) writes it out now, in
                 # steps of 256 kB, as PostgreSQL's checkpointer and background writer do by default, rather than
-                # leaving it to the kernel's writeback: that came in bursts every 5 s, up to 230 MB behind a prune
-                # of 100,000 jobs, and held up the WAL fsync of every commit meanwhile (docs/BENCHMARK.md).
+                # leaving it to the kernel's periodic writeback: up to 230 MB waited for that while 100,000 jobs
+                # were pruned, and requests' commits came in slow bursts meanwhile (docs/BENCHMARK.md).
                 "backend_flush_after": BACKEND_FLUSH_AFTER,
             },
         },
