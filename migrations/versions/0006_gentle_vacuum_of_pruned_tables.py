@@ -7,8 +7,8 @@ Create Date: 2026-12-02 03:50:00.000000
 Pruning a backlog of finished jobs leaves dead rows on every page it held, and autovacuum then rewrites all those
 pages at once. At the default cost delay (2 ms) it dirtied 140 MB of the kernel's page cache in 8 s on the
 benchmark machine after 100,000 pruned jobs, while requests' commits came in slow bursts (docs/BENCHMARK.md,
-sixth round). Five times the delay spreads the same work over
-about five times as long, which these tables, written once per job and read by primary key, can afford.
+sixth round). Five times the delay spreads the same work over about five times as long, which these tables, written
+once per job and read by primary key, can afford.
 """
 
 from collections.abc import Sequence
