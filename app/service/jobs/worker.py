@@ -106,11 +106,6 @@ class Worker:
                 # Its lease runs out and another process takes it up: later, but nothing is lost.
                 log.warning("could not hand job back", extra={**claim.log_fields(), "reason": repr(error)})
 
-    @property
-    def running_jobs(self) -> int:
-        """How many jobs this process is working on."""
-        return len(self._running)
-
     async def _claim_loop(self) -> None:
         while True:
             self._notifications.job_queued.clear()
