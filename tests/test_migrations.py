@@ -1,14 +1,18 @@
 """Tests of the Alembic migrations: up from an empty database, down to base, up again, and equal to the models."""
 
 import asyncio
+import logging
+import uuid
 from typing import Any
 
+import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, inspect, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from app.service.db.engine import asyncpg_dsn
 from app.service.db.migrate import downgrade, upgrade
 from app.service.db.models import Base
 from tests.conftest import create_database
@@ -100,6 +104,55 @@ async def test_the_tables_retention_prunes_are_vacuumed_gently_until_downgraded(
 
     await asyncio.to_thread(downgrade, empty_database_url, "0005")
     assert await run_sync(empty_database_url, vacuum_cost_delays) == dict.fromkeys(PRUNED_TABLES, None)
+
+
+async def flush_after_of_a_new_session(database_url: str) -> str:
+    """`backend_flush_after` as a new session in the database sees it: what autovacuum's workers see too."""
+    connection = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        setting: str = await connection.fetchval("SHOW backend_flush_after")
+    finally:
+        await connection.close()
+    return setting
+
+
+async def test_every_session_in_the_database_flushes_what_it_evicts_until_downgraded(empty_database_url: str) -> None:
+    assert await flush_after_of_a_new_session(empty_database_url) == "0"
+    await asyncio.to_thread(upgrade, empty_database_url)
+    assert await flush_after_of_a_new_session(empty_database_url) == "256kB"
+
+    await asyncio.to_thread(downgrade, empty_database_url, "0006")
+    assert await flush_after_of_a_new_session(empty_database_url) == "0"
+
+
+async def test_a_role_that_does_not_own_the_database_migrates_without_the_flush_setting_and_is_warned(
+    server_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    role, password = f"vtpm_not_owner_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    database_url = await create_database(server_url)
+    superuser = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await superuser.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        await superuser.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")
+        role_url = make_url(database_url).set(username=role, password=password).render_as_string(hide_password=False)
+
+        with caplog.at_level(logging.WARNING):
+            await asyncio.to_thread(upgrade, role_url)
+            assert await run_sync(role_url, tables) == OUR_TABLES | {"alembic_version"}
+            assert await flush_after_of_a_new_session(role_url) == "0"
+            await asyncio.to_thread(downgrade, role_url, "base")
+        messages = [record.getMessage() for record in caplog.records]
+        warnings = [message for message in messages if "does not own the database" in message]
+        assert len(warnings) == 2, warnings  # one up, one down
+    finally:
+        await superuser.close()
+        # A shared server (TEST_DATABASE_URL's) is left as it was; the role's grant goes with the database.
+        server = await asyncpg.connect(asyncpg_dsn(server_url))
+        try:
+            await server.execute(f'DROP DATABASE "{make_url(database_url).database}"')
+            await server.execute(f"DROP ROLE IF EXISTS {role}")
+        finally:
+            await server.close()
 
 
 async def test_upgrade_twice_changes_nothing(empty_database_url: str) -> None:

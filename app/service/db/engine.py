@@ -22,8 +22,6 @@ CONNECT_TIMEOUT_SECONDS = 3.0
 # How long one statement of the service may wait for the database's answer: a database that accepts
 # connections but does not answer (frozen, cut off by the network) makes calls fail (503) instead of hang.
 COMMAND_TIMEOUT_SECONDS = 5.0
-# PostgreSQL's own default for its checkpointer (checkpoint_flush_after); backends default to 0, never.
-BACKEND_FLUSH_AFTER = "256kB"
 
 
 def resolve_database_url(settings: Settings) -> str:
@@ -72,11 +70,6 @@ def create_engine(
                 "application_name": "vtpm",
                 "idle_in_transaction_session_timeout": str(round(idle_transaction_timeout * 1000)),
                 "synchronous_commit": "on" if synchronous_commit else "off",
-                # A backend that must evict a dirty page (a pruned backlog's, mostly) writes it out now, in
-                # steps of 256 kB, as PostgreSQL's checkpointer and background writer do by default, rather than
-                # leaving it to the kernel's periodic writeback: up to 230 MB waited for that while 100,000 jobs
-                # were pruned, and requests' commits came in slow bursts meanwhile (docs/BENCHMARK.md).
-                "backend_flush_after": BACKEND_FLUSH_AFTER,
             },
         },
     )
