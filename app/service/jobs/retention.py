@@ -3,10 +3,10 @@
 A backlog (a first start with retention, a long outage's jobs coming due together) is pruned with a rest after each
 batch of GENTLE_REST_FACTOR times the batch's time, so that it takes a twentieth of one connection's time. Over
 rounds of 100,000 jobs on the benchmark machine, the p99 of `DELETE /vms/{uuid}/tpm` while pruning was 1.55-2.36
-times the p99 without it resting 3x, 1.09-4.22 times resting 9x, 1.74-1.85 times resting 19x, and 1.03-2.75 times
-resting 19x with the disk writes that pruning causes spread out (app/service/db/engine.py, migration 0006): the tail
-came with those writes more than with the pruner's share of time (docs/BENCHMARK.md, sixth round, which also says
-why that ratio moves so much from run to run on that machine). A gentle pace alone falls behind a service removing
+times the p99 without it resting 3x, 1.09-4.22 times resting 9x and 1.74-1.85 times resting 19x; the tail came with
+the disk writes that pruning causes more than with the pruner's share of time, and once every session of the
+database, autovacuum's included, wrote out what it evicted as it went (migrations 0006 and 0007), it was 1.02-1.34
+times resting 19x (docs/BENCHMARK.md, sixth and seventh rounds). A gentle pace alone falls behind a service removing
 at full speed, whose load also slows each batch (it finished 300 jobs a second on the benchmark machine while a 9x
 rest pruned about 150), and its tables would grow without end; so the rest is cut as far as it takes to prune
 CATCH_UP times as many jobs as this process finished meanwhile, down to none.
