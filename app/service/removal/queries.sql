@@ -12,8 +12,8 @@
 -- it. A deletion of the VM takes every one of its files (`plan` with :every_file), and its cleanup deletes the VM
 -- too (`cleanup` with :delete_vm).
 --
--- Host health (app/service/orphans/health.py) is recorded by the statements that record host outcomes, in CTEs of
--- their own: a call left unanswered trips the host (`host_failed`), a call answered on a failing host brings it
+-- Host health (app/service/orphans/health.py) is recorded by the statements that record host outcomes, in CTEs
+-- they share (`host_health_changes`): a call left unanswered trips the host (`host_failed`), a call answered on a failing host brings it
 -- back and makes all its orphans due (`host_answered`, `host_orphans_due`), a call not sent changes nothing. They
 -- answer the changes as JSON (`health_changes`), for the log. A healthy host's answer writes nothing there.
 -- A failing host's next probe is one back-off step away: as long as it has been failing, at least
@@ -94,24 +94,10 @@ FROM job LEFT JOIN (
 ) ON true
 ORDER BY pending.host_uuid, pending.path
 
--- record_outcomes --
--- Host outcomes that land while other hosts of the job are still being called, recorded on the job's pending
--- hosts, and each host's health. They come as four arrays of the same length (the contact is the agent client's:
--- answered, unanswered or not_called); host UUIDs as text, since asyncpg knows text[] from the start but would look
--- uuid[] up on each new connection (three more round trips inside the statement).
-WITH job AS (
-    UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second'
-    WHERE jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running'
-    RETURNING id
-), outcome AS (
-    SELECT CAST(host AS uuid) AS host_uuid, state, error, contact
-    FROM unnest(CAST(:hosts AS text[]), CAST(:states AS text[]), CAST(:errors AS text[]), CAST(:contacts AS text[]))
-        AS outcome(host, state, error, contact)
-), recorded AS (
-    UPDATE job_hosts SET state = outcome.state, error = outcome.error
-    FROM job, outcome
-    WHERE job_hosts.job_id = job.id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
-), host_failed AS (
+-- host_health_changes --
+-- Not a statement: the host-health CTEs (see the top of this file) that record_outcomes and cleanup both end with,
+-- over their `job` and `outcome` CTEs; each includes them.
+host_failed AS (
     INSERT INTO host_health AS health (host_uuid, state, consecutive_failures, last_error, failing_since, next_probe_at)
     SELECT outcome.host_uuid, 'failing', 1, outcome.error, now(), now() + least(CAST(:cap AS float8), CAST(:retry AS float8)) * interval '1 second'
     FROM job, outcome
@@ -142,6 +128,26 @@ WITH job AS (
     UNION ALL
     SELECT host_uuid, 'ok', consecutive_failures, last_error FROM host_answered
 )
+
+-- record_outcomes --
+-- Host outcomes that land while other hosts of the job are still being called, recorded on the job's pending
+-- hosts, and each host's health. They come as four arrays of the same length (the contact is the agent client's:
+-- answered, unanswered or not_called); host UUIDs as text, since asyncpg knows text[] from the start but would look
+-- uuid[] up on each new connection (three more round trips inside the statement).
+WITH job AS (
+    UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second'
+    WHERE jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running'
+    RETURNING id
+), outcome AS (
+    SELECT CAST(host AS uuid) AS host_uuid, state, error, contact
+    FROM unnest(CAST(:hosts AS text[]), CAST(:states AS text[]), CAST(:errors AS text[]), CAST(:contacts AS text[]))
+        AS outcome(host, state, error, contact)
+), recorded AS (
+    UPDATE job_hosts SET state = outcome.state, error = outcome.error
+    FROM job, outcome
+    WHERE job_hosts.job_id = job.id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
+),
+-- include host_health_changes --
 SELECT id, (SELECT json_agg(health_changes) FROM health_changes) AS health_changes FROM job
 
 -- cleanup --
@@ -197,35 +203,6 @@ WITH outcome AS (
     DELETE FROM tpms USING job WHERE tpms.vm_uuid = :vm_uuid
 ), vm AS (
     DELETE FROM vms USING job WHERE vms.uuid = :vm_uuid AND CAST(:delete_vm AS boolean)
-), host_failed AS (
-    INSERT INTO host_health AS health (host_uuid, state, consecutive_failures, last_error, failing_since, next_probe_at)
-    SELECT outcome.host_uuid, 'failing', 1, outcome.error, now(), now() + least(CAST(:cap AS float8), CAST(:retry AS float8)) * interval '1 second'
-    FROM job, outcome
-    WHERE outcome.contact = 'unanswered'
-    -- Row locks taken in one order by every statement: two jobs failing on the same hosts never deadlock.
-    ORDER BY outcome.host_uuid
-    ON CONFLICT (host_uuid) DO UPDATE SET
-        state = 'failing',
-        consecutive_failures = health.consecutive_failures + 1,
-        last_error = excluded.last_error,
-        failing_since = coalesce(health.failing_since, excluded.failing_since),
-        next_probe_at = now() + least(CAST(:cap AS float8), greatest(CAST(:retry AS float8), CAST(
-            extract(epoch FROM now() - coalesce(health.failing_since, now())) AS float8))) * interval '1 second'
-    RETURNING host_uuid, consecutive_failures, last_error
-), host_answered AS (
-    UPDATE host_health SET state = 'ok', consecutive_failures = 0, failing_since = NULL, next_probe_at = NULL
-    FROM job, outcome, host_health AS before
-    WHERE host_health.host_uuid = outcome.host_uuid AND outcome.contact = 'answered'
-      AND host_health.state = 'failing' AND before.host_uuid = host_health.host_uuid
-    RETURNING host_health.host_uuid, before.consecutive_failures, before.last_error
-), host_orphans_due AS (
-    UPDATE orphan_files SET next_attempt_at = now()
-    FROM host_answered
-    WHERE orphan_files.host_uuid = host_answered.host_uuid AND orphan_files.claim_token IS NULL
-), health_changes AS (
-    SELECT host_uuid, 'failing' AS state, consecutive_failures, last_error FROM host_failed
-    WHERE consecutive_failures = 1
-    UNION ALL
-    SELECT host_uuid, 'ok', consecutive_failures, last_error FROM host_answered
-)
+),
+-- include host_health_changes --
 SELECT orphan_files, (SELECT json_agg(health_changes) FROM health_changes) AS health_changes FROM job
