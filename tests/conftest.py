@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import make_url
+from sqlalchemy import make_url, text
 
 from app.service.db.embedded import start_embedded_postgres
 from app.service.db.engine import asyncpg_dsn
@@ -99,3 +99,12 @@ async def make_client(database_url: str) -> AsyncIterator[AppFactory]:
 async def client(make_client: AppFactory) -> httpx.AsyncClient:
     """A client of the app with default test settings, worker running."""
     return await make_client()
+
+
+async def setting_of_each_pool(client: httpx.AsyncClient, name: str) -> dict[str, str]:
+    """A server setting as a connection of each of the app's two pools, the API's and the worker's, sees it."""
+    settings = {}
+    for pool in ("engine", "worker_engine"):
+        async with getattr(client.app.state, pool).connect() as connection:  # type: ignore[attr-defined]
+            settings[pool] = await connection.scalar(text(f"SHOW {name}"))
+    return settings

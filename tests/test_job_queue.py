@@ -16,6 +16,7 @@ from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim, claim_jobs
 from app.service.removal.run import TPM_REMOVAL, VM_DELETION, Removal, RemovalScope
 from tests.agent_helpers import running_recording_agent
+from tests.conftest import setting_of_each_pool
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm, wait_for_job
 
 LEASE = 30.0
@@ -148,8 +149,4 @@ async def test_cleanup_runs_the_same_number_of_statements_for_any_number_of_file
 
 async def test_api_commits_wait_for_the_disk_and_the_workers_do_not(client: httpx.AsyncClient) -> None:
     # What a caller is told is durable; the worker's commits are redone if a database crash loses them (service.main).
-    settings = {}
-    for pool in ("engine", "worker_engine"):
-        async with getattr(client.app.state, pool).connect() as connection:  # type: ignore[attr-defined]
-            settings[pool] = await connection.scalar(text("SHOW synchronous_commit"))
-    assert settings == {"engine": "on", "worker_engine": "off"}
+    assert await setting_of_each_pool(client, "synchronous_commit") == {"engine": "on", "worker_engine": "off"}

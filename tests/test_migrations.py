@@ -106,23 +106,18 @@ async def test_the_tables_retention_prunes_are_vacuumed_gently_until_downgraded(
     assert await run_sync(empty_database_url, vacuum_cost_delays) == dict.fromkeys(PRUNED_TABLES, None)
 
 
-async def flush_after_of_a_new_session(database_url: str) -> str:
+def flush_after(connection: Connection) -> str:
     """`backend_flush_after` as a new session in the database sees it: what autovacuum's workers see too."""
-    connection = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        setting: str = await connection.fetchval("SHOW backend_flush_after")
-    finally:
-        await connection.close()
-    return setting
+    return str(connection.execute(text("SHOW backend_flush_after")).scalar())
 
 
 async def test_every_session_in_the_database_flushes_what_it_evicts_until_downgraded(empty_database_url: str) -> None:
-    assert await flush_after_of_a_new_session(empty_database_url) == "0"
+    assert await run_sync(empty_database_url, flush_after) == "0"
     await asyncio.to_thread(upgrade, empty_database_url)
-    assert await flush_after_of_a_new_session(empty_database_url) == "256kB"
+    assert await run_sync(empty_database_url, flush_after) == "256kB"
 
     await asyncio.to_thread(downgrade, empty_database_url, "0006")
-    assert await flush_after_of_a_new_session(empty_database_url) == "0"
+    assert await run_sync(empty_database_url, flush_after) == "0"
 
 
 async def test_a_role_that_does_not_own_the_database_migrates_without_the_flush_setting_and_is_warned(
@@ -139,7 +134,7 @@ async def test_a_role_that_does_not_own_the_database_migrates_without_the_flush_
         with caplog.at_level(logging.WARNING):
             await asyncio.to_thread(upgrade, role_url)
             assert await run_sync(role_url, tables) == OUR_TABLES | {"alembic_version"}
-            assert await flush_after_of_a_new_session(role_url) == "0"
+            assert await run_sync(role_url, flush_after) == "0"
             await asyncio.to_thread(downgrade, role_url, "base")
         messages = [record.getMessage() for record in caplog.records]
         warnings = [message for message in messages if "does not own the database" in message]

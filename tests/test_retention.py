@@ -19,7 +19,7 @@ from app.service.jobs.worker import Worker
 from app.service.metrics import refresh_gauges
 from app.service.settings import Settings
 from tests.agent_helpers import running_agent
-from tests.conftest import AppFactory
+from tests.conftest import AppFactory, setting_of_each_pool
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 from tests.reliability.process_helpers import wait_until
 
@@ -256,8 +256,4 @@ async def test_every_connection_of_the_service_writes_the_pages_it_evicts_out_at
     # A pruned backlog's pages, evicted by requests and jobs, would otherwise reach the disk in the kernel's bursts.
     # The setting is the database's (migration 0007), so autovacuum's workers have it too
     # (tests/test_migrations.py).
-    settings = {}
-    for pool in ("engine", "worker_engine"):
-        async with getattr(client.app.state, pool).connect() as connection:  # type: ignore[attr-defined]
-            settings[pool] = await connection.scalar(text("SHOW backend_flush_after"))
-    assert settings == {"engine": "256kB", "worker_engine": "256kB"}
+    assert await setting_of_each_pool(client, "backend_flush_after") == {"engine": "256kB", "worker_engine": "256kB"}
