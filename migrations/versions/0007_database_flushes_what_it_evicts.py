@@ -30,18 +30,20 @@ FLUSH_AFTER = "256kB"
 
 log = logging.getLogger(f"alembic.{__name__}")
 
+# Whether this role owns the database (directly or through a role it has), and the database's name as SQL.
+_MAY_ALTER_AND_NAME = text(
+    "SELECT pg_has_role(datdba, 'USAGE'), quote_ident(datname) FROM pg_database WHERE datname = current_database()"
+)
+
 
 def _alter_database(change: str) -> None:
     """ALTER DATABASE (this one) `change`, if this role owns the database; a warning if it does not."""
-    may = op.get_bind().scalar(
-        text("SELECT pg_has_role(datdba, 'USAGE') FROM pg_database WHERE datname = current_database()")
-    )
+    may, name = op.get_bind().execute(_MAY_ALTER_AND_NAME).one()
     if not may:
         log.warning(
             "this role does not own the database and cannot %s; its owner may (ALTER DATABASE ... %s)", change, change
         )
         return
-    name = op.get_bind().scalar(text("SELECT quote_ident(current_database())"))
     op.execute(f"ALTER DATABASE {name} {change}")
 
 

@@ -13,9 +13,10 @@
 -- too (`cleanup` with :delete_vm).
 --
 -- Host health (app/service/orphans/health.py) is recorded by the statements that record host outcomes, in CTEs
--- they share (`host_health_changes`): a call left unanswered trips the host (`host_failed`), a call answered on a failing host brings it
--- back and makes all its orphans due (`host_answered`, `host_orphans_due`), a call not sent changes nothing. They
--- answer the changes as JSON (`health_changes`), for the log. A healthy host's answer writes nothing there.
+-- they share (`host_health_changes`): a call left unanswered trips the host (`host_failed`), a call answered on a
+-- failing host brings it back and makes all its orphans due (`host_answered`, `host_orphans_due`), a call not sent
+-- changes nothing. They answer the changes as JSON (`health_changes`), for the log. A healthy host's answer writes
+-- nothing there.
 -- A failing host's next probe is one back-off step away: as long as it has been failing, at least
 -- ORPHAN_RETRY_SECONDS (:retry), at most ORPHAN_RETRY_MAX_SECONDS (:cap). The step so doubles with each failed
 -- probe, and the calls that were in flight together when the host went failing do not stretch it (a step doubled
