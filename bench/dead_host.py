@@ -42,7 +42,7 @@ class HungAgent:
     def __init__(self, root: Path) -> None:
         self.revived = asyncio.Event()
         self.arrivals: list[float] = []
-        self._app = create_agent_app(root)
+        self._app = create_agent_app(root, libvirt=None)
         self._app.middlewares.append(self._hang)
 
     @web.middleware

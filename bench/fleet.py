@@ -18,12 +18,13 @@ async def agent_fleet(
 ) -> AsyncIterator[list[str]]:
     """Serve the shipped agent, confined to `root`, on `hosts` free loopback ports; yields one URL per port.
 
-    With `ssl_context` the agents serve HTTPS only, as `python -m app agent --tls-cert ...` does.
+    With `ssl_context` the agents serve HTTPS only, as `python -m app agent --tls-cert ...` does. The hosts have
+    no libvirt (`--libvirt-uri none`): locks alone say what is in use.
 
     One application serves every port: each port is a separate host to the service (its own URL, its own
     connections), while the benchmark process keeps one event loop for the whole fleet.
     """
-    runner = web.AppRunner(answering_after(create_agent_app(root), delay_seconds), access_log=None)
+    runner = web.AppRunner(answering_after(create_agent_app(root, libvirt=None), delay_seconds), access_log=None)
     await runner.setup()
     urls = []
     try:

@@ -24,6 +24,7 @@ from typing import Any, Self
 
 import httpx
 
+from app.agent.libvirt import NO_LIBVIRT_URI
 from app.service.settings import Settings
 
 # The folder that holds the `app` package, so `python -m app` works whatever the caller's directory.
@@ -246,10 +247,14 @@ def agent_process(
     *,
     token: str | None = None,
     tls: AgentTls | None = None,
+    libvirt_uri: str = NO_LIBVIRT_URI,
     options: Sequence[str] = (),
 ) -> LocalProcess:
     """The shipped agent, confined to `roots`, on a free port; over HTTPS (and mutual TLS) as `tls` says;
-    `options` are further options of `app agent`."""
+    `options` are further options of `app agent`.
+
+    Its libvirt is none unless `libvirt_uri` names one: these local hosts run no libvirtd, so locks alone decide.
+    """
     port = free_port()
     return LocalProcess(
         [
@@ -260,6 +265,8 @@ def agent_process(
             "--port",
             str(port),
             *(tls.options() if tls else []),
+            "--libvirt-uri",
+            libvirt_uri,
             *options,
         ],
         port=port,

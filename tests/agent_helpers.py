@@ -36,8 +36,11 @@ async def running_app(app: web.Application, *, ssl_context: ssl.SSLContext | Non
 
 @asynccontextmanager
 async def running_agent(*roots: Path, token: str | None = None, delay_seconds: float = 0.0) -> AsyncIterator[str]:
-    """Run the shipped host agent, confined to `roots`, on a free loopback port; yields its base URL."""
-    async with running_app(answering_after(create_agent_app(*roots, token=token), delay_seconds)) as url:
+    """Run the shipped host agent, confined to `roots`, on a free loopback port; yields its base URL.
+
+    It runs as on a host without libvirt (`--libvirt-uri none`): locks alone say what is in use.
+    """
+    async with running_app(answering_after(create_agent_app(*roots, libvirt=None, token=token), delay_seconds)) as url:
         yield url
 
 
@@ -65,7 +68,7 @@ class RecordingAgent:
 
     def app(self) -> web.Application:
         """The shipped agent's app with the recorder in front of its handler."""
-        app = create_agent_app(self.root)
+        app = create_agent_app(self.root, libvirt=None)
         app.middlewares.append(self._record)
         return app
 

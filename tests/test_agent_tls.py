@@ -233,7 +233,7 @@ async def test_calls_to_one_agent_reuse_one_tls_connection(
     client_context = agent_ssl_context(ca.ca_file, service_cert.cert_file, service_cert.key_file)
     files = [FileToDelete(path=str(tmp_path / "gone"), type="TpmState")]
     async with (
-        running_app(create_agent_app(tmp_path), ssl_context=server_context) as url,
+        running_app(create_agent_app(tmp_path, libvirt=None), ssl_context=server_context) as url,
         agent_session(4, client_context) as session,
     ):
         agent = AgentClient(session, timeout_seconds=5, concurrency=4)

@@ -14,7 +14,7 @@ import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.agent.secrets import VIRSH_TIMEOUT_SECONDS, Libvirt
+from app.agent.libvirt import VIRSH_TIMEOUT_SECONDS, Libvirt
 from app.agent.server import create_agent_app
 from app.protocol import DELETE_PATH
 from app.service.audit import audit
@@ -228,7 +228,7 @@ async def test_agent_undefines_a_vtpm_secret_with_its_value_and_counts_an_unknow
 
 async def test_agent_process_undefines_secrets_on_its_libvirt_uri(libvirtd: LibvirtDaemon, tmp_path: Path) -> None:
     secret = await libvirtd.define_secret()
-    agent = agent_process([tmp_path], tmp_path, options=["--libvirt-uri", libvirtd.uri])
+    agent = agent_process([tmp_path], tmp_path, libvirt_uri=libvirtd.uri)
     await asyncio.to_thread(agent.start)
     try:
         answer = await post_delete(agent.url, str(uuid.uuid4()), [(secret_path(secret), "Secret")])

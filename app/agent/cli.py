@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 
-from app.agent.secrets import DEFAULT_LIBVIRT_URI, Libvirt
+from app.agent.libvirt import DEFAULT_LIBVIRT_URI, NO_LIBVIRT_URI, libvirt_at
 from app.agent.server import serve_agent
 from app.agent.tls import TlsFileError, add_tls_options, ssl_context_from_options
 
@@ -42,7 +42,11 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--libvirt-uri",
         default=DEFAULT_LIBVIRT_URI,
-        help="libvirt connection that Secret files are undefined through (default: %(default)s)",
+        help=(
+            "libvirt connection that Secret files are undefined and active domains listed through"
+            f" (default: %(default)s); {NO_LIBVIRT_URI!r} for a host without libvirt, where locks alone say what is"
+            " in use"
+        ),
     )
     add_tls_options(options)
     options.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"), help="default: %(default)s")
@@ -67,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 host=options.host,
                 port=options.port,
                 token=options.token,
-                libvirt=Libvirt(uri=options.libvirt_uri),
+                libvirt=libvirt_at(options.libvirt_uri),
                 ssl_context=ssl_context,
             )
         )

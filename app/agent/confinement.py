@@ -10,7 +10,8 @@ below it with `O_NOFOLLOW` relative to the directory opened before, and unlinks,
 fails that path's delete; nothing outside the roots can be reached.
 
 `confine_paths` checks a whole request and `delete_confined` deletes it, so that the server can check every
-entry of a request (paths and anything else) before it deletes any.
+entry of a request (paths and anything else) before it deletes any; `files_beneath` reaches every file that a
+delete would remove the way the delete does, for the agent's in-use check.
 """
 
 import errno
@@ -126,15 +127,63 @@ def _delete_beneath(entry: ConfinedPath) -> bool:
     """
     *directories, name = entry.parts
     with ExitStack() as held:
-        chain = [held.enter_context(_opened(os.open(entry.root, _OPEN_DIRECTORY)))]
-        for directory in directories:
-            try:
-                chain.append(held.enter_context(_opened(_open_directory_below(chain[-1], directory))))
-            except FileNotFoundError:
-                break
+        chain = _open_parents(entry, held)
         gone = len(chain) > len(directories) and _remove_entry(chain[-1], name)
         _prune_emptied(chain, directories)
     return gone
+
+
+def files_beneath(entry: ConfinedPath) -> Iterator[tuple[int, str, str]]:
+    """Every regular file that deleting `entry` would remove, reached as the delete reaches it (never through a link).
+
+    Yields the open directory holding each file, its name there, and its real path, for a caller that opens the
+    file relative to that directory while the walk holds it. A file or directory that vanishes during the walk is
+    skipped, as the delete would find it gone; any other error is raised. Blocking: call it in a worker thread.
+    """
+    *directories, name = entry.parts
+    location = entry.root.joinpath(*entry.parts)
+    with ExitStack() as held:
+        try:
+            chain = _open_parents(entry, held)
+        except OSError:
+            return  # a parent is no directory now: the delete cannot reach the entry either, and fails that path
+        found = _entry_of(chain[-1], name) if len(chain) > len(directories) else None
+        if found is None:
+            return
+        if stat.S_ISREG(found.st_mode):
+            yield chain[-1], name, str(location)
+            return
+        if not stat.S_ISDIR(found.st_mode):
+            return
+        try:
+            walk = os.fwalk(name, dir_fd=chain[-1], follow_symlinks=False, onerror=_raise_unless_gone)
+            for directory, _, names, directory_fd in walk:
+                for file_name in names:
+                    found = _entry_of(directory_fd, file_name)
+                    if found is not None and stat.S_ISREG(found.st_mode):
+                        yield directory_fd, file_name, str(location.parent / directory / file_name)
+        except FileNotFoundError:
+            return  # the directory itself vanished before the walk opened it
+
+
+def _open_parents(entry: ConfinedPath, held: ExitStack) -> list[int]:
+    """Open the root and each directory above the entry, never through a link; descriptors `held` closes.
+
+    The list stops short where a parent is gone: the entry's own parent is the last one only when all are there.
+    """
+    chain = [held.enter_context(_opened(os.open(entry.root, _OPEN_DIRECTORY)))]
+    for directory in entry.parts[:-1]:
+        try:
+            chain.append(held.enter_context(_opened(_open_directory_below(chain[-1], directory))))
+        except FileNotFoundError:
+            break
+    return chain
+
+
+def _raise_unless_gone(error: OSError) -> None:
+    """os.fwalk's error handler: a directory that vanished mid-walk is skipped, any other error raised."""
+    if not isinstance(error, FileNotFoundError):
+        raise error
 
 
 def _open_directory_below(parent: int, name: str) -> int:

@@ -5,43 +5,21 @@ A `Secret` host file names a libvirt secret by the file libvirt keeps its defini
 secret, which drops its definition, its stored value and its live copy. The confinement that roots give paths,
 libvirt's usage type gives secrets: only a secret whose usage is `vtpm` is undefined, and a request naming any
 other (a volume's LUKS key, say) is refused as a whole.
-
-Each `virsh` call runs as an asyncio subprocess, bounded by a timeout well under the service's agent timeout,
-so that a libvirt that hangs fails the agent's call with a reason instead of the service's call timing out.
 """
 
 import asyncio
-import os
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from app.agent.libvirt import VIRSH_CONCURRENCY, Libvirt, LibvirtError, run_virsh
 from app.agent.outcome import DeleteOutcome
 from app.protocol import secret_uuid
-
-DEFAULT_LIBVIRT_URI = "qemu:///system"
-# Well under the service's AGENT_TIMEOUT_SECONDS (10 s): a check and an undefine, each bounded by this, fit.
-VIRSH_TIMEOUT_SECONDS = 3.0
-# A VM has a secret or two per host; the bound only keeps a huge request from starting a process per secret.
-_VIRSH_CONCURRENCY = 8
 
 # virsh's report of libvirt's VIR_ERR_NO_SECRET ("Secret not found: no secret with matching uuid '...'"),
 # in the C locale that every call runs in.
 _NOT_FOUND = "error: Secret not found"
 _VTPM_USAGE = "vtpm"
-
-
-class LibvirtError(Exception):
-    """libvirt could not be asked, or answered with an error other than an unknown secret."""
-
-
-@dataclass(frozen=True)
-class Libvirt:
-    """How the agent reaches the host's libvirt: the connection URI, the virsh program and its time bound."""
-
-    uri: str = DEFAULT_LIBVIRT_URI
-    timeout_seconds: float = VIRSH_TIMEOUT_SECONDS
-    virsh: str = "virsh"
 
 
 @dataclass
@@ -68,7 +46,7 @@ async def plan_secrets(libvirt: Libvirt, paths: Sequence[str]) -> SecretPlan:
             plan.refused = f"secret path does not end in a lowercase UUID followed by .xml: {path!r}"
             return plan
         uuids[path] = uuid
-    limit = asyncio.Semaphore(_VIRSH_CONCURRENCY)
+    limit = asyncio.Semaphore(VIRSH_CONCURRENCY)
     usages = await asyncio.gather(*(_usage(libvirt, uuid, limit) for uuid in uuids.values()), return_exceptions=True)
     errors = []
     for (path, uuid), usage in zip(uuids.items(), usages, strict=True):
@@ -91,7 +69,7 @@ async def plan_secrets(libvirt: Libvirt, paths: Sequence[str]) -> SecretPlan:
 async def undefine_secrets(libvirt: Libvirt, plan: SecretPlan) -> DeleteOutcome:
     """Undefine the secrets a plan cleared; one that is gone meanwhile is missing, any other failure an error."""
     outcome = DeleteOutcome(missing=list(plan.missing))
-    limit = asyncio.Semaphore(_VIRSH_CONCURRENCY)
+    limit = asyncio.Semaphore(VIRSH_CONCURRENCY)
     results = await asyncio.gather(
         *(_undefine(libvirt, uuid, limit) for uuid in plan.to_undefine.values()), return_exceptions=True
     )
@@ -110,10 +88,11 @@ async def undefine_secrets(libvirt: Libvirt, plan: SecretPlan) -> DeleteOutcome:
 async def _usage(libvirt: Libvirt, uuid: str, limit: asyncio.Semaphore) -> str | None:
     """The usage type libvirt reports for the secret, or None when libvirt does not know it."""
     async with limit:
-        definition = await _virsh(libvirt, "secret-dumpxml", uuid)
+        definition = await run_virsh(libvirt, "secret-dumpxml", uuid, not_found=_NOT_FOUND)
     if definition is None:
         return None
     try:
+        # libvirt formats this XML itself, without a DTD; expat bounds entity expansion besides.
         usage = ElementTree.fromstring(definition).find("usage")
     except ElementTree.ParseError as exc:
         raise LibvirtError(f"unreadable secret definition: {exc}") from None
@@ -124,43 +103,4 @@ async def _usage(libvirt: Libvirt, uuid: str, limit: asyncio.Semaphore) -> str |
 async def _undefine(libvirt: Libvirt, uuid: str, limit: asyncio.Semaphore) -> bool:
     """Undefine the secret; whether libvirt still knew it."""
     async with limit:
-        return await _virsh(libvirt, "secret-undefine", uuid) is not None
-
-
-async def _virsh(libvirt: Libvirt, command: str, uuid: str) -> str | None:
-    """Run one virsh command about one secret; its output, or None when libvirt does not know the secret."""
-    try:
-        process = await asyncio.create_subprocess_exec(
-            libvirt.virsh,
-            "--quiet",
-            "--connect",
-            libvirt.uri,
-            command,
-            uuid,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            # The C locale keeps libvirt's messages untranslated, so that "Secret not found" can be told apart.
-            env={**os.environ, "LC_ALL": "C"},
-        )
-    except OSError as exc:
-        raise LibvirtError(f"cannot run {libvirt.virsh}: {exc.strerror or exc}") from None
-    try:
-        async with asyncio.timeout(libvirt.timeout_seconds):
-            stdout, stderr = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise LibvirtError(f"libvirt at {libvirt.uri} did not answer within {libvirt.timeout_seconds:g} s") from None
-    finally:
-        # A cancelled call (the service gave up) must not leave a virsh behind.
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    if process.returncode == 0:
-        return stdout.decode(errors="replace")
-    message = stderr.decode(errors="replace")
-    if any(line.startswith(_NOT_FOUND) for line in message.splitlines()):
-        return None
-    reasons = [line.removeprefix("error: ") for line in message.splitlines() if line.strip()]
-    raise LibvirtError(" ".join(reasons)[:500] or f"virsh exited with status {process.returncode}")
+        return await run_virsh(libvirt, "secret-undefine", uuid, not_found=_NOT_FOUND) is not None

@@ -2,8 +2,9 @@
 and its vTPM secrets through libvirt.
 
 It speaks the host-agent protocol of CONTRACT.md over HTTP; which paths it may delete, and how it deletes them
-without a race, is `app.agent.confinement`; which secrets it may undefine, and how, is `app.agent.secrets`. A
-request naming even one refused path or secret deletes nothing.
+without a race, is `app.agent.confinement`; which secrets it may undefine, and how, is `app.agent.secrets`;
+whether anything of a request is in use on the host, `app.agent.in_use`. A request naming even one refused path
+or secret, or anything in use, deletes nothing.
 """
 
 import asyncio
@@ -16,9 +17,12 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import ValidationError
 
-from app.agent.confinement import PathRefused, confine_paths, delete_confined, real_roots
+from app.agent.confinement import ConfinedPath, PathRefused, confine_paths, delete_confined, real_roots
+from app.agent.domains import ActiveDomain, active_domains
+from app.agent.in_use import UsageUnknown, in_use
+from app.agent.libvirt import NO_LIBVIRT_URI, Libvirt, LibvirtError
 from app.agent.outcome import DeleteOutcome
-from app.agent.secrets import Libvirt, plan_secrets, undefine_secrets
+from app.agent.secrets import SecretPlan, plan_secrets, undefine_secrets
 from app.protocol import (
     DELETE_PATH,
     HEALTH_PATH,
@@ -26,7 +30,6 @@ from app.protocol import (
     DeleteFailed,
     DeleteRequest,
     DeleteSucceeded,
-    FileToDelete,
     describe_invalid,
 )
 
@@ -34,16 +37,20 @@ logger = logging.getLogger(__name__)
 
 _ROOTS_KEY: web.AppKey[tuple[Path, ...]] = web.AppKey("roots")
 _TOKEN_KEY = web.AppKey("token", str)
-_LIBVIRT_KEY = web.AppKey("libvirt", Libvirt)
+_LIBVIRT_KEY: web.AppKey[Libvirt | None] = web.AppKey("libvirt")
 
 
-def create_agent_app(*roots: Path, token: str | None = None, libvirt: Libvirt | None = None) -> web.Application:
-    """Build the agent's web application, confined to `roots` and `libvirt`, optionally requiring a bearer token."""
+def create_agent_app(*roots: Path, libvirt: Libvirt | None, token: str | None = None) -> web.Application:
+    """Build the agent's web application, confined to `roots` and `libvirt`, optionally requiring a bearer token.
+
+    `libvirt=None` is a host without libvirt (`--libvirt-uri none`): it refuses secrets, and locks alone say what
+    is in use.
+    """
     if not roots:
         raise ValueError("the agent needs at least one root")
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app[_ROOTS_KEY] = real_roots(roots)
-    app[_LIBVIRT_KEY] = libvirt if libvirt is not None else Libvirt()
+    app[_LIBVIRT_KEY] = libvirt
     if token is not None:
         app[_TOKEN_KEY] = token
     app.router.add_post(DELETE_PATH, delete_host_files)
@@ -54,14 +61,14 @@ def create_agent_app(*roots: Path, token: str | None = None, libvirt: Libvirt | 
 async def serve_agent(
     roots: Sequence[Path],
     *,
+    libvirt: Libvirt | None,
     host: str = "127.0.0.1",
     port: int = 8100,
     token: str | None = None,
-    libvirt: Libvirt | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Run the agent on host:port (HTTPS only with `ssl_context`, see app/agent/tls.py) until cancelled."""
-    app = create_agent_app(*roots, token=token, libvirt=libvirt)
+    app = create_agent_app(*roots, libvirt=libvirt, token=token)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
@@ -73,7 +80,7 @@ async def serve_agent(
                 address[0],
                 address[1],
                 ",".join(str(root) for root in app[_ROOTS_KEY]),
-                app[_LIBVIRT_KEY].uri,
+                libvirt.uri if libvirt is not None else NO_LIBVIRT_URI,
                 "token" if token is not None else "none",
                 _tls_mode(ssl_context),
             )
@@ -118,10 +125,13 @@ async def delete_host_files(request: web.Request) -> web.Response:
     vm_uuid = delete.vm_uuid
     count = len({f.path for f in delete.files})
     try:
-        outcome = await _delete_files(request.app[_ROOTS_KEY], request.app[_LIBVIRT_KEY], delete.files)
+        outcome = await _delete_files(request.app[_ROOTS_KEY], request.app[_LIBVIRT_KEY], delete)
     except (PathRefused, SecretRefused) as refusal:
         logger.warning("delete refused vm_uuid=%s count=%d reason=%r", vm_uuid, count, str(refusal))
         return answer(DeleteFailed(error=str(refusal)))
+    except InUse as busy:
+        logger.warning("delete refused vm_uuid=%s count=%d reason=in_use error=%r", vm_uuid, count, str(busy))
+        return answer(DeleteFailed(error=str(busy)))
     if outcome.errors:
         logger.error(
             "delete failed vm_uuid=%s count=%d deleted=%d missing=%d errors=%r",
@@ -149,31 +159,81 @@ def _bearer_matches(request: web.Request, token: str) -> bool:
     return hmac.compare_digest(given, expected)
 
 
-async def _delete_files(roots: tuple[Path, ...], libvirt: Libvirt, files: Sequence[FileToDelete]) -> DeleteOutcome:
-    """Check every path against the roots and every secret with libvirt, then delete them all; none if any is refused.
+async def _delete_files(roots: tuple[Path, ...], libvirt: Libvirt | None, delete: DeleteRequest) -> DeleteOutcome:
+    """Check every path against the roots, every secret with libvirt and all of it for use, then delete it all.
 
-    Checking all before deleting any keeps a bad request from half-applying; a libvirt that cannot say what a
-    secret is fails the request before anything is deleted, since nothing could vouch for it. Secrets go last, as
-    the key that encrypts the state is the last thing of a TPM to drop.
+    Nothing is deleted if anything is refused or in use. Checking all before deleting any keeps a bad request from
+    half-applying; a libvirt that cannot say what a secret is, or whether a domain uses it, fails the request before
+    anything is deleted, since nothing could vouch for it. Secrets go last, as the key that encrypts the state is
+    the last thing of a TPM to drop.
     """
     # A path listed twice would otherwise come back both deleted and missing.
-    paths = list(dict.fromkeys(f.path for f in files if f.type != "Secret"))
-    secrets = list(dict.fromkeys(f.path for f in files if f.type == "Secret"))
+    paths = list(dict.fromkeys(f.path for f in delete.files if f.type != "Secret"))
+    secrets = list(dict.fromkeys(f.path for f in delete.files if f.type == "Secret"))
+    if secrets and libvirt is None:
+        raise SecretRefused(f"this host has no libvirt (--libvirt-uri {NO_LIBVIRT_URI}): cannot undefine {secrets[0]}")
     # realpath, open, unlink and rmtree are blocking syscalls; for many files, a big directory or a slow disk
     # they would stall every other request, so checks and deletes run in a worker thread.
     confined = await asyncio.to_thread(confine_paths, roots, paths)
-    plan = await plan_secrets(libvirt, secrets)
+    plan, listed = SecretPlan(), None
+    if libvirt is not None:
+        # Both ask libvirt; side by side, a libvirt that hangs costs one time bound, not two.
+        plan, listed = await asyncio.gather(plan_secrets(libvirt, secrets), _domains_unless_unreachable(libvirt))
     if plan.refused is not None:
         raise SecretRefused(plan.refused)
     if plan.error is not None:
         return DeleteOutcome(errors=[plan.error])
-    outcome = await asyncio.to_thread(delete_confined, confined)
-    undefined = await undefine_secrets(libvirt, plan)
+    domains: Sequence[ActiveDomain] = ()
+    if isinstance(listed, LibvirtError):
+        if secrets:
+            return DeleteOutcome(errors=[f"cannot list libvirt's active domains: {listed}"])
+        logger.warning("libvirt unreachable, locks alone decide what is in use error=%r", str(listed))
+    elif listed is not None:
+        domains = listed
+    vm_uuid = str(delete.vm_uuid)
+    outcome = await asyncio.to_thread(_delete_unless_in_use, confined, secrets, vm_uuid, domains)
+    undefined = await undefine_secrets(libvirt, plan) if libvirt is not None else DeleteOutcome()
     outcome.deleted.extend(undefined.deleted)
     outcome.missing.extend(undefined.missing)
     outcome.errors.extend(undefined.errors)
     return outcome
 
 
+async def _domains_unless_unreachable(libvirt: Libvirt) -> list[ActiveDomain] | LibvirtError:
+    """The host's active domains, or why libvirt could not list them."""
+    try:
+        return await active_domains(libvirt)
+    except LibvirtError as error:
+        return error
+
+
+def _delete_unless_in_use(
+    confined: Sequence[ConfinedPath], secrets: Sequence[str], vm_uuid: str, domains: Sequence[ActiveDomain]
+) -> DeleteOutcome:
+    """Delete the checked paths unless anything of the request is in use: the check right before the delete.
+
+    Raises InUse naming what, or answers the error of a lock that could not be tested. Blocking: a worker thread's.
+    """
+    try:
+        reasons = in_use(confined, secrets, vm_uuid, domains)
+    except UsageUnknown as unknown:
+        return DeleteOutcome(errors=[str(unknown)])
+    if reasons:
+        raise InUse(reasons)
+    return delete_confined(confined)
+
+
 class SecretRefused(Exception):
     """A requested secret the agent will not undefine (no secret's name, or not a vTPM's); the message says why."""
+
+
+# How many things in use an answer names; the service keeps only the first few hundred characters of it.
+_IN_USE_NAMED = 3
+
+
+class InUse(Exception):
+    """Something of a request is in use on the host; the message names what and by what, as the answer says it."""
+
+    def __init__(self, reasons: Sequence[str]) -> None:
+        more = len(reasons) - _IN_USE_NAMED
+        super().__init__("in use: " + "; ".join(reasons[:_IN_USE_NAMED]) + (f" (and {more} more)" if more > 0 else ""))

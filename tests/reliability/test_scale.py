@@ -60,7 +60,7 @@ async def test_a_body_over_one_mebibyte_is_refused_with_413_with_or_without_cont
 @asynccontextmanager
 async def agent_on_many_ports(root: Path, count: int) -> AsyncIterator[list[str]]:
     """The shipped agent, confined to `root`, listening on `count` loopback ports: one per simulated host."""
-    runner = web.AppRunner(create_agent_app(root), handler_cancellation=True, shutdown_timeout=1.0)
+    runner = web.AppRunner(create_agent_app(root, libvirt=None), handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     try:
         for _ in range(count):
