@@ -62,6 +62,8 @@ async def wait_until(
 class LocalProcess:
     """One `python ARGS` subprocess on `port` that answers 200 on `ready_path` once it is up.
 
+    A `launcher` runs it, as `LAUNCHER python ARGS` (e.g. setpriv with fewer capabilities).
+
     Synchronous callers use `start` and `stop` (or `with`), asynchronous ones `started` and `shut_down`
     (or `async with`): the waits run in a thread, so that servers on the caller's loop keep answering.
     With `probe_context` it serves HTTPS, and its readiness is probed over TLS with that context.
@@ -77,8 +79,10 @@ class LocalProcess:
         log_path: Path,
         name: str | None = None,
         probe_context: ssl.SSLContext | None = None,
+        launcher: Sequence[str] = (),
     ) -> None:
         self.args = list(args)
+        self.launcher = list(launcher)
         self.port = port
         self.url = f"{'https' if probe_context else 'http'}://127.0.0.1:{port}"
         self._probe_context = probe_context
@@ -97,7 +101,11 @@ class LocalProcess:
         """Start the process (again, after a stop) and return once it answers; raise with its log if it fails."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, *self.args], cwd=PROJECT_ROOT, env=self._env, stdout=log, stderr=subprocess.STDOUT
+                [*self.launcher, sys.executable, *self.args],
+                cwd=PROJECT_ROOT,
+                env=self._env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         with httpx.Client(timeout=2.0, verify=self._probe_context or True) as http:
@@ -248,12 +256,12 @@ def agent_process(
     token: str | None = None,
     tls: AgentTls | None = None,
     libvirt_uri: str = NO_LIBVIRT_URI,
-    options: Sequence[str] = (),
+    launcher: Sequence[str] = (),
 ) -> LocalProcess:
-    """The shipped agent, confined to `roots`, on a free port; over HTTPS (and mutual TLS) as `tls` says;
-    `options` are further options of `app agent`.
+    """The shipped agent, confined to `roots`, on a free port; over HTTPS (and mutual TLS) as `tls` says.
 
     Its libvirt is none unless `libvirt_uri` names one: these local hosts run no libvirtd, so locks alone decide.
+    `launcher` runs it (see LocalProcess).
     """
     port = free_port()
     return LocalProcess(
@@ -267,7 +275,6 @@ def agent_process(
             *(tls.options() if tls else []),
             "--libvirt-uri",
             libvirt_uri,
-            *options,
         ],
         port=port,
         ready_path="/healthz",
@@ -275,6 +282,7 @@ def agent_process(
         log_path=log_dir / f"agent-{port}.log",
         name=f"agent-{port}",
         probe_context=tls.probe_context if tls else None,
+        launcher=launcher,
     )
 
 

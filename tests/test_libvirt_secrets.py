@@ -197,7 +197,7 @@ async def test_agent_without_virsh_fails_the_call_and_deletes_nothing(tmp_path: 
     assert state.exists()
 
 
-async def test_agent_asks_no_libvirt_for_a_request_without_secrets(tmp_path: Path) -> None:
+async def test_agent_without_virsh_lets_the_locks_alone_decide_a_request_without_secrets(tmp_path: Path) -> None:
     vm = str(uuid.uuid4())
     (state,) = make_files(tmp_path, vm, "tpm2-00.permall")
     async with running_app(create_agent_app(tmp_path, libvirt=Libvirt(virsh="/nonexistent/virsh"))) as url:
