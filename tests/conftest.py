@@ -1,4 +1,4 @@
-"""Test fixtures: a real PostgreSQL (embedded, or TEST_DATABASE_URL's server), the app, and HTTP clients."""
+"""Test fixtures: a real PostgreSQL (embedded, or TEST_DATABASE_URL's server), the app, HTTP clients, a libvirtd."""
 
 import asyncio
 import os
@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy import make_url, text
 
@@ -20,6 +21,8 @@ from app.service.db.engine import asyncpg_dsn
 from app.service.db.migrate import upgrade
 from app.service.main import create_app
 from app.service.settings import Settings
+from tests.real_libvirt import LibvirtDaemon, missing_requirement
+from tests.real_parts import require
 
 
 async def create_database(server_url: str) -> str:
@@ -108,3 +111,23 @@ async def setting_of_each_pool(client: httpx.AsyncClient, name: str) -> dict[str
         async with getattr(client.app.state, pool).connect() as connection:  # type: ignore[attr-defined]
             settings[pool] = await connection.scalar(text(f"SHOW {name}"))
     return settings
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def module_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LibvirtDaemon]:
+    """One real libvirtd for a test module's tests, on a private socket (tests/real_libvirt.py)."""
+    require(missing_requirement())
+    daemon = LibvirtDaemon(tmp_path_factory.mktemp("libvirt"))
+    await daemon.start()
+    yield daemon
+    await daemon.stop()
+
+
+@pytest.fixture
+async def libvirtd(module_libvirtd: LibvirtDaemon) -> AsyncIterator[LibvirtDaemon]:
+    """The module's libvirtd, answering again after the test (whatever it did to it), with the test's secrets gone."""
+    yield module_libvirtd
+    module_libvirtd.thaw_if_frozen()
+    if not module_libvirtd.running:
+        await module_libvirtd.start()
+    await module_libvirtd.undefine_leftovers()

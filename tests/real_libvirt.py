@@ -1,10 +1,12 @@
 """A real libvirtd of the tests' own, on a private socket, and the virsh calls the tests make to it.
 
 It runs as root, as on a KVM host, so that its secrets driver keeps definitions where a host's libvirt does
-(`/etc/libvirt/secrets/<uuid>.xml`); only its sockets, pid file and log are private, so it never talks to a
-host's own libvirtd. The URI is `qemu:///system?socket=...`, the agent's default URI with the private socket:
-libvirtd routes secret calls of a QEMU connection to its secrets driver, as on a host. Each test defines
-secrets with fresh UUIDs and usage names, so tests never collide.
+(`/etc/libvirt/secrets/<uuid>.xml`) and its QEMU driver keeps a VM's TPM state and NVRAM under
+`/var/lib/libvirt`; only its sockets, pid files and log are private, so it never talks to a host's own libvirtd.
+Two libvirtds on one machine collide in `/run/libvirt`, so it runs in a mount namespace of its own with a
+tmpfs there, beside the virtlogd that its QEMU driver needs. The URI is `qemu:///system?socket=...`, the agent's
+default URI with the private socket: libvirtd routes secret calls of a QEMU connection to its secrets driver, as
+on a host. Each test defines secrets and VMs with fresh UUIDs and names, so tests never collide.
 """
 
 import asyncio
@@ -13,9 +15,17 @@ import pwd
 import shutil
 import signal
 import uuid
+from contextlib import suppress
 from pathlib import Path
 
 PACKAGES = "libvirt-daemon libvirt-clients"
+# What starts libvirtd in its own mount namespace (util-linux).
+_PRIVATE_RUN = """
+mkdir -p /run/libvirt /var/log/libvirt
+mount -t tmpfs libvirt-tests /run/libvirt
+virtlogd --daemon --pid-file "$1/virtlogd.pid"
+exec libvirtd --config "$1/libvirtd.conf" --pid-file "$1/libvirtd.pid"
+"""
 # libvirt's QEMU driver refuses to start without the user it runs guests as; libvirt-daemon-system creates it.
 QEMU_USER = "libvirt-qemu"
 START_TIMEOUT_SECONDS = 30.0
@@ -24,8 +34,8 @@ SECRETS_DIR = Path("/etc/libvirt/secrets")
 
 def missing_requirement() -> str | None:
     """Why a real libvirtd cannot run here, or None when it can."""
-    if shutil.which("libvirtd") is None or shutil.which("virsh") is None:
-        return f"needs libvirtd and virsh: apt-get install --no-install-recommends {PACKAGES}"
+    if any(shutil.which(program) is None for program in ("libvirtd", "virtlogd", "virsh", "unshare")):
+        return f"needs libvirtd, virtlogd and virsh: apt-get install --no-install-recommends {PACKAGES}"
     if os.geteuid() != 0:
         return "needs root: libvirtd keeps secrets where a host's does only when it runs as root"
     try:
@@ -56,16 +66,20 @@ class LibvirtDaemon:
         return self._process is not None and self._process.returncode is None
 
     async def start(self) -> None:
-        """Start libvirtd and return once it answers; raise with its log when it does not."""
-        config = self.folder / "libvirtd.conf"
-        config.write_text(f'unix_sock_dir = "{self.folder}"\n')
+        """Start virtlogd and libvirtd in a mount namespace of their own; return once libvirtd answers.
+
+        Raises with its log when it does not. The process the tests hold is libvirtd itself (the shell execs it).
+        """
+        (self.folder / "libvirtd.conf").write_text(f'unix_sock_dir = "{self.folder}"\n')
         with self.log_path.open("ab") as log:
             self._process = await asyncio.create_subprocess_exec(
-                "libvirtd",
-                "--config",
-                str(config),
-                "--pid-file",
-                str(self.folder / "libvirtd.pid"),
+                "unshare",
+                "--mount",
+                "sh",
+                "-ec",
+                _PRIVATE_RUN,
+                "libvirtd-of-the-tests",
+                str(self.folder),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
@@ -84,17 +98,20 @@ class LibvirtDaemon:
                 await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
-        """Stop libvirtd as an init system would (SIGTERM), thawing it first if a test froze it."""
+        """Stop libvirtd as an init system would (SIGTERM), thawing it first if a test froze it; then its virtlogd."""
         self.thaw_if_frozen()
         process, self._process = self._process, None
-        if process is None or process.returncode is not None:
-            return
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), START_TIMEOUT_SECONDS)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), START_TIMEOUT_SECONDS)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        virtlogd = self.folder / "virtlogd.pid"
+        with suppress(FileNotFoundError, ProcessLookupError, ValueError):
+            os.kill(int(virtlogd.read_text()), signal.SIGTERM)
+        virtlogd.unlink(missing_ok=True)
 
     def freeze(self) -> None:
         """Stop libvirtd in its tracks (SIGSTOP): its socket still accepts connections, and nothing answers."""
@@ -113,7 +130,7 @@ class LibvirtDaemon:
         """The last lines libvirtd logged."""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    async def virsh(self, *args: str) -> str:
+    async def virsh(self, *args: str, timeout: float = START_TIMEOUT_SECONDS) -> str:
         """Run `virsh -c URI ARGS` against this libvirtd; its output, or VirshError with its message."""
         process = await asyncio.create_subprocess_exec(
             "virsh",
@@ -126,7 +143,7 @@ class LibvirtDaemon:
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "LC_ALL": "C"},
         )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), START_TIMEOUT_SECONDS)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
         if process.returncode != 0:
             raise VirshError(stderr.decode(errors="replace").strip())
         return stdout.decode(errors="replace")

@@ -4,13 +4,11 @@
 import asyncio
 import shutil
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -25,30 +23,9 @@ from tests.agent_helpers import running_app
 from tests.conftest import AppFactory, create_database
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 from tests.problem_helpers import assert_problem
-from tests.real_libvirt import LibvirtDaemon, missing_requirement, secret_path
-from tests.real_parts import require
+from tests.real_libvirt import LibvirtDaemon, secret_path
 from tests.real_swtpm import real_vm_state
 from tests.reliability.process_helpers import wait_until
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def module_libvirtd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LibvirtDaemon]:
-    """One real libvirtd for the module's tests, on a private socket."""
-    require(missing_requirement())
-    daemon = LibvirtDaemon(tmp_path_factory.mktemp("libvirt"))
-    await daemon.start()
-    yield daemon
-    await daemon.stop()
-
-
-@pytest.fixture
-async def libvirtd(module_libvirtd: LibvirtDaemon) -> AsyncIterator[LibvirtDaemon]:
-    """The module's libvirtd, answering again after the test (whatever it did to it), with the test's secrets gone."""
-    yield module_libvirtd
-    module_libvirtd.thaw_if_frozen()
-    if not module_libvirtd.running:
-        await module_libvirtd.start()
-    await module_libvirtd.undefine_leftovers()
 
 
 async def post_delete(url: str, vm: str, files: list[tuple[str, str]]) -> dict[str, Any]:

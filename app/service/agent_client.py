@@ -57,8 +57,9 @@ _READ_CHUNK = 64 * 1024
 # stays short enough for a log line and the job's `error` column.
 _PATHS_NAMED_IN_REASON = 3
 # An agent's own error text is echoed into our reason; bounding it keeps a chatty agent from
-# filling logs and the database.
-_MAX_AGENT_ERROR_CHARS = 300
+# filling logs and the database. An agent's "in use: ..." names up to three files or domains, with their paths
+# and the processes that hold them: that must reach the operator whole.
+_MAX_AGENT_ERROR_CHARS = 600
 
 Outcome = Literal["ok", "failed", "timeout", "unreachable"]
 
