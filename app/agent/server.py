@@ -175,21 +175,11 @@ async def _delete_files(roots: tuple[Path, ...], libvirt: Libvirt | None, delete
     # realpath, open, unlink and rmtree are blocking syscalls; for many files, a big directory or a slow disk
     # they would stall every other request, so checks and deletes run in a worker thread.
     confined = await asyncio.to_thread(confine_paths, roots, paths)
-    plan, listed = SecretPlan(), None
-    if libvirt is not None:
-        # Both ask libvirt; side by side, a libvirt that hangs costs one time bound, not two.
-        plan, listed = await asyncio.gather(plan_secrets(libvirt, secrets), _domains_unless_unreachable(libvirt))
+    plan, domains = await _ask_libvirt(libvirt, secrets)
     if plan.refused is not None:
         raise SecretRefused(plan.refused)
     if plan.error is not None:
         return DeleteOutcome(errors=[plan.error])
-    domains: Sequence[ActiveDomain] = ()
-    if isinstance(listed, LibvirtError):
-        if secrets:
-            return DeleteOutcome(errors=[f"cannot list libvirt's active domains: {listed}"])
-        logger.warning("libvirt unreachable, locks alone decide what is in use error=%r", str(listed))
-    elif listed is not None:
-        domains = listed
     vm_uuid = str(delete.vm_uuid)
     outcome = await asyncio.to_thread(_delete_unless_in_use, confined, secrets, vm_uuid, domains)
     undefined = await undefine_secrets(libvirt, plan) if libvirt is not None else DeleteOutcome()
@@ -197,6 +187,25 @@ async def _delete_files(roots: tuple[Path, ...], libvirt: Libvirt | None, delete
     outcome.missing.extend(undefined.missing)
     outcome.errors.extend(undefined.errors)
     return outcome
+
+
+async def _ask_libvirt(libvirt: Libvirt | None, secrets: Sequence[str]) -> tuple[SecretPlan, Sequence[ActiveDomain]]:
+    """The request's secrets checked with libvirt, and the host's active domains; none without libvirt.
+
+    Both are asked side by side, so that a libvirt that hangs costs one time bound, not two. When libvirt cannot
+    list its domains, the locks alone decide for files, and a request with a secret fails (the plan's error): no
+    one could say whether a domain uses it.
+    """
+    if libvirt is None:
+        return SecretPlan(), ()
+    plan, listed = await asyncio.gather(plan_secrets(libvirt, secrets), _domains_unless_unreachable(libvirt))
+    if not isinstance(listed, LibvirtError):
+        return plan, listed
+    if secrets:
+        plan.error = plan.error or f"cannot list libvirt's active domains: {listed}"
+    else:
+        logger.warning("libvirt unreachable, locks alone decide what is in use error=%r", str(listed))
+    return plan, ()
 
 
 async def _domains_unless_unreachable(libvirt: Libvirt) -> list[ActiveDomain] | LibvirtError:
