@@ -115,7 +115,7 @@ async def test_an_agent_that_cannot_test_a_file_for_locks_fails_the_call_and_del
     agent = agent_process(
         [tmp_path], tmp_path, launcher=["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
     )
-    async with await agent.started():
+    async with agent:
         answer = await post_delete(agent.url, vm, [(state, "TpmState")])
 
     assert answer == {"success": False, "error": f"cannot test {unreadable} for locks: Permission denied"}
