@@ -93,7 +93,7 @@ def test_compose_agents_run_the_shipped_agent_as_root_on_their_own_volume(
         command = agent["command"]
         assert command[:4] == ["python", "-m", "app", "agent"]
         options = dict(zip(command[4::2], command[5::2], strict=True))
-        assert options == {"--root": "/var/lib/libvirt", "--host": "0.0.0.0", "--port": "8100"}
+        assert options == {"--root": "/var/lib/libvirt", "--host": "0.0.0.0", "--port": "8100", "--libvirt-uri": "none"}
         assert agent["user"] == "root"
         (volume,) = agent["volumes"]
         assert volume.endswith(":/var/lib/libvirt")
