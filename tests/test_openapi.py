@@ -78,11 +78,12 @@ def after_pattern(schema: dict[str, Any], path: str) -> str:
 async def test_the_cursors_handed_out_have_the_shape_the_schema_states(
     client: httpx.AsyncClient, schema: dict[str, Any]
 ) -> None:
-    host_uuid = await put_host(client, AGENT_URL)
-    vm_uuid = await put_vm(client)
+    host_uuid, _ = [await put_host(client, AGENT_URL) for _ in range(2)]
+    vm_uuid, _ = [await put_vm(client) for _ in range(2)]
+    cursors = {path: await next_cursor(client, path) for path in ("/hosts", "/vms")}
     for name in ("a", "b"):
         await add_file(client, vm_uuid, host_uuid, f"/var/lib/libvirt/swtpm/{vm_uuid}/{name}")
-    cursors = {"/vms/{vm_uuid}/host-files": await next_cursor(client, f"/vms/{vm_uuid}/host-files")}
+    cursors["/vms/{vm_uuid}/host-files"] = await next_cursor(client, f"/vms/{vm_uuid}/host-files")
     for _ in range(2):
         await remove_tpm(client, vm_uuid)
         assert (await client.post(f"/vms/{vm_uuid}/tpm", json={})).status_code == 201
@@ -108,6 +109,8 @@ async def next_cursor(client: httpx.AsyncClient, url: str) -> str:
         ("/jobs", "0.00000000000000000000000000000000"),
         ("/jobs", "99999999999999999.ffffffffffffffffffffffffffffffff"),
         ("/orphan-files", "ffffffffffffffffffffffffffffffff"),
+        ("/hosts", "ffffffffffffffffffffffffffffffff"),
+        ("/vms", "ffffffffffffffffffffffffffffffff"),
     ],
 )
 async def test_a_cursor_of_the_stated_shape_is_accepted_wherever_it_points(

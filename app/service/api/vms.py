@@ -30,6 +30,26 @@ async def put_vm(vm_uuid: UUID, body: VmIn, session: SessionDep, response: Respo
     return VmOut.model_validate(vm, from_attributes=True)
 
 
+@router.get(
+    "",
+    response_model=list[VmOut],
+    summary="List VMs",
+    description='In UUID order. Paged with `limit` and the `Link: <...>; rel="next"` header.',
+    responses=problem_responses(400, 422),
+)
+async def list_vms(
+    session: SessionDep,
+    request: Request,
+    response: Response,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    after: AfterQuery = None,
+) -> list[VmOut]:
+    async with session.begin():
+        page = await inventory.list_vms(session, limit=limit, after=after)
+    set_next_link(request, response, page.next_cursor)
+    return [VmOut.model_validate(vm, from_attributes=True) for vm in page.items]
+
+
 @router.get("/{vm_uuid}", response_model=VmOut, summary="Read a VM", responses=problem_responses(404, 422))
 async def get_vm(vm_uuid: UUID, session: SessionDep) -> VmOut:
     async with session.begin():
