@@ -68,6 +68,81 @@ async def test_a_405_allows_exactly_the_methods_the_schema_gives_its_path(
         assert answer.headers["allow"].split(", ") == documented, path
 
 
+def links_of(schema: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, dict[str, Any]]]:
+    """The links of each answer that has any, by (METHOD, path, status)."""
+    return {
+        (method.upper(), path, status): answer["links"]
+        for path, method, op in operations(schema)
+        for status, answer in op["responses"].items()
+        if "links" in answer
+    }
+
+
+def body_schema(schema: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema of an answer's body, its `$ref` resolved."""
+    ref: str = answer["content"]["application/json"]["schema"]["$ref"]
+    resolved: dict[str, Any] = schema["components"]["schemas"][ref.removeprefix("#/components/schemas/")]
+    return resolved
+
+
+VM_OPERATIONS = {"tpm-create", "tpm-get", "tpm-remove", "host-files-create", "host-files-list"}
+
+
+async def test_a_vm_put_links_to_its_tpm_and_host_files_and_every_202_to_its_job(schema: dict[str, Any]) -> None:
+    targets = {key: {link["operationId"] for link in links.values()} for key, links in links_of(schema).items()}
+    accepted = {(method.upper(), path, "202") for path, method, op in operations(schema) if "202" in op["responses"]}
+    assert accepted >= {("DELETE", "/vms/{vm_uuid}", "202"), ("DELETE", "/vms/{vm_uuid}/tpm", "202")}
+    assert targets == {
+        ("PUT", "/vms/{vm_uuid}", "200"): VM_OPERATIONS,
+        ("PUT", "/vms/{vm_uuid}", "201"): VM_OPERATIONS,
+        **{key: {"jobs-get"} for key in accepted},
+    }
+
+
+async def test_every_link_names_an_operation_and_gives_each_of_its_path_parameters_from_the_answer(
+    schema: dict[str, Any],
+) -> None:
+    by_id = {op["operationId"]: op for _, _, op in operations(schema)}
+    for (method, path, status), links in links_of(schema).items():
+        answer = body_schema(schema, schema["paths"][path][method.lower()]["responses"][status])
+        for name, link in links.items():
+            target = by_id[link["operationId"]]
+            path_parameters = {p["name"] for p in target["parameters"] if p["in"] == "path"}
+            assert link["parameters"].keys() == path_parameters, (method, path, name)
+            for expression in link["parameters"].values():
+                field = expression.removeprefix("$response.body#/")
+                assert answer["properties"][field]["format"] == "uuid", (method, path, name, expression)
+
+
+async def test_following_the_links_of_a_vm_put_reaches_its_tpm_and_the_job_that_removes_it(
+    client: httpx.AsyncClient, schema: dict[str, Any]
+) -> None:
+    put = await client.put(f"/vms/{uuid.uuid4()}", json={"name": "vm", "secure_boot": False})
+    assert put.status_code == 201, put.text
+    links = schema["paths"]["/vms/{vm_uuid}"]["put"]["responses"]["201"]["links"]
+    host_file = {"host_uuid": await put_host(client, AGENT_URL), "path": "/var/lib/libvirt/swtpm/x", "type": "TpmState"}
+    calls = [("tpm-create", {}, 201), ("tpm-get", None, 200), ("host-files-create", host_file, 201)]
+    calls += [("host-files-list", None, 200), ("tpm-remove", None, 202)]
+    for operation_id, body, status in calls:
+        answer = await follow(client, schema, links[operation_id], put, body)
+        assert answer.status_code == status, (operation_id, answer.text)
+    job_link = schema["paths"]["/vms/{vm_uuid}/tpm"]["delete"]["responses"]["202"]["links"]["jobs-get"]
+    job = await follow(client, schema, job_link, answer)
+    assert job.status_code == 200 and job.json()["vm_uuid"] == put.json()["uuid"], job.text
+
+
+async def follow(
+    client: httpx.AsyncClient, schema: dict[str, Any], link: dict[str, Any], answer: httpx.Response, body: Any = None
+) -> httpx.Response:
+    """Call the operation `link` names, with the path parameters its expressions take from `answer`'s body."""
+    ((path, method),) = [
+        (path, method) for path, method, op in operations(schema) if op["operationId"] == link["operationId"]
+    ]
+    for name, expression in link["parameters"].items():
+        path = path.replace(f"{{{name}}}", answer.json()[expression.removeprefix("$response.body#/")])
+    return await client.request(method.upper(), path, json=body)
+
+
 def after_pattern(schema: dict[str, Any], path: str) -> str:
     """The pattern the schema states for the `after` cursor of the list at `path`."""
     (after,) = [p for p in schema["paths"][path]["get"]["parameters"] if p["name"] == "after"]
@@ -78,11 +153,12 @@ def after_pattern(schema: dict[str, Any], path: str) -> str:
 async def test_the_cursors_handed_out_have_the_shape_the_schema_states(
     client: httpx.AsyncClient, schema: dict[str, Any]
 ) -> None:
-    host_uuid = await put_host(client, AGENT_URL)
-    vm_uuid = await put_vm(client)
+    host_uuid, _ = [await put_host(client, AGENT_URL) for _ in range(2)]
+    vm_uuid, _ = [await put_vm(client) for _ in range(2)]
+    cursors = {path: await next_cursor(client, path) for path in ("/hosts", "/vms")}
     for name in ("a", "b"):
         await add_file(client, vm_uuid, host_uuid, f"/var/lib/libvirt/swtpm/{vm_uuid}/{name}")
-    cursors = {"/vms/{vm_uuid}/host-files": await next_cursor(client, f"/vms/{vm_uuid}/host-files")}
+    cursors["/vms/{vm_uuid}/host-files"] = await next_cursor(client, f"/vms/{vm_uuid}/host-files")
     for _ in range(2):
         await remove_tpm(client, vm_uuid)
         assert (await client.post(f"/vms/{vm_uuid}/tpm", json={})).status_code == 201
@@ -108,6 +184,8 @@ async def next_cursor(client: httpx.AsyncClient, url: str) -> str:
         ("/jobs", "0.00000000000000000000000000000000"),
         ("/jobs", "99999999999999999.ffffffffffffffffffffffffffffffff"),
         ("/orphan-files", "ffffffffffffffffffffffffffffffff"),
+        ("/hosts", "ffffffffffffffffffffffffffffffff"),
+        ("/vms", "ffffffffffffffffffffffffffffffff"),
     ],
 )
 async def test_a_cursor_of_the_stated_shape_is_accepted_wherever_it_points(

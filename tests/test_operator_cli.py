@@ -7,15 +7,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
-from app.operator.cli import EXIT_FAILED, EXIT_ORPHANS, EXIT_SUCCEEDED, fetch_all
+from app.operator.cli import EXIT_FAILED, EXIT_ORPHANS, EXIT_SUCCEEDED, MAX_PAGE_SIZE, fetch_all
 from app.service.commands import cli
+from app.service.db.engine import asyncpg_dsn
 from devtools.local_stack import LocalProcess, free_port, service_process
 from tests.agent_helpers import running_agent
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
+from tests.pg_helpers import create_migrated_database
 
 API_TOKEN = f"cli-api-token-{uuid.uuid4().hex}"
 API_READ_TOKEN = f"cli-read-token-{uuid.uuid4().hex}"
@@ -149,14 +152,50 @@ async def test_hosts_shows_a_failed_host_failing_and_a_good_one_ok(
     assert health[dead_host]["state"] == "failing" and health[dead_host]["consecutive_failures"] >= 1
     assert "connection refused" in health[dead_host]["last_error"]
 
-    # Without hosts named: every host that holds orphan files, the dead one among them.
-    holding = await run_cli("hosts", "--json", url=service.url)
-    assert holding.exit_code == 0, holding.output
-    shown = {host["uuid"] for host in json.loads(holding.stdout)}
-    assert dead_host in shown and good_host not in shown
+    # Without hosts named: every host, or every host of one health.
+    cases = {(): {good_host, dead_host}, ("--health", "ok"): {good_host}, ("--health", "failing"): {dead_host}}
+    for options, shown in cases.items():
+        listed = await run_cli("hosts", *options, "--json", url=service.url)
+        assert listed.exit_code == 0, listed.output
+        assert {host["uuid"] for host in json.loads(listed.stdout)} & {good_host, dead_host} == shown, options
     table = await run_cli("hosts", dead_host, url=service.url)
     assert table.exit_code == 0, table.output
     assert "Hosts" in table.stdout and "failing" in table.stdout
+
+
+async def test_hosts_without_names_lists_every_host_page_after_page(server_url: str, tmp_path: Path) -> None:
+    # A database of the test's own, so that the list is exactly these hosts: more than one page of them, one in four
+    # failing (put straight into the tables: only the listing is under test here).
+    database_url = await create_migrated_database(server_url)
+    hosts = sorted(uuid.uuid4() for _ in range(MAX_PAGE_SIZE + 200))
+    failing = hosts[::4]
+    connection = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await connection.executemany(
+            "INSERT INTO hosts (uuid, name, agent_url) VALUES ($1, 'kvm', 'http://127.0.0.1:8100')",
+            [(host,) for host in hosts],
+        )
+        await connection.executemany(
+            "INSERT INTO host_health (host_uuid, state, consecutive_failures, last_error, failing_since, "
+            "next_probe_at) VALUES ($1, 'failing', 1, 'connection refused', now(), now() + interval '1 hour')",
+            [(host,) for host in failing],
+        )
+    finally:
+        await connection.close()
+
+    async with service_process(database_url, tmp_path) as service:
+        every = await run_cli("hosts", "--json", url=service.url, token=None)
+        only_failing = await run_cli("hosts", "--health", "failing", "--json", url=service.url, token=None)
+        both = await run_cli("hosts", str(hosts[0]), "--health", "ok", url=service.url, token=None)
+
+    assert every.exit_code == 0, every.output
+    assert [host["uuid"] for host in json.loads(every.stdout)] == [str(host) for host in hosts]
+    assert only_failing.exit_code == 0, only_failing.output
+    listed_failing = json.loads(only_failing.stdout)
+    assert [host["uuid"] for host in listed_failing] == [str(host) for host in failing]
+    assert all(host["health"]["last_error"] == "connection refused" for host in listed_failing)
+    # Hosts named and a health filter do not go together: a usage error, before any call.
+    assert both.exit_code == 2 and "--health" in both.output
 
 
 async def test_jobs_lists_a_vms_jobs_newest_first(service: LocalProcess, api: httpx.AsyncClient) -> None:

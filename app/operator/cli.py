@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
+import click
 import httpx
 import typer
 from rich.console import Console
@@ -43,6 +44,7 @@ EXIT_STATUS_HELP = (
 )
 
 FINAL_STATES = frozenset({"succeeded", "failed"})
+HEALTH_STATES = ("ok", "failing")
 # What a succeeded job of each type did, for its summary line.
 _DONE = {"remove-tpm": "TPM removed", "delete-vm": "VM deleted"}
 _STATE_STYLES = {
@@ -376,36 +378,45 @@ def _print_would_abandon(orphans: list[dict[str, Any]]) -> None:
 def show_hosts(
     hosts: Annotated[
         list[UUID] | None,
-        typer.Argument(help="The hosts to show; none: every host that holds orphan files", show_default=False),
+        typer.Argument(help="The hosts to show; none: every host, page by page", show_default=False),
+    ] = None,
+    health: Annotated[
+        str | None,
+        typer.Option(
+            "--health",
+            click_type=click.Choice(HEALTH_STATES),
+            help="List only the hosts of this health (not with hosts named)",
+            show_default=False,
+        ),
     ] = None,
     url: UrlOption = DEFAULT_URL,
     token: TokenOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show hosts and their health: ok, or failing (the service then only probes them, once per back-off step)."""
+    if hosts and health:
+        raise typer.BadParameter("lists the hosts of one health; name no hosts with it", param_hint="--health")
     with service_client(url, token) as client:
         if hosts:
-            uuids = [str(host) for host in hosts]
+            rows = [call(client, "GET", f"/hosts/{host_uuid}").json() for host_uuid in hosts]
         else:
-            orphans = fetch_all(client, "/orphan-files", {}, limit=100_000)
-            uuids = list(dict.fromkeys(orphan["host_uuid"] for orphan in orphans))
-        rows = [call(client, "GET", f"/hosts/{host_uuid}").json() for host_uuid in uuids]
+            rows = fetch_all(client, "/hosts", {"health": health} if health else {}, sys.maxsize)
     if json_output:
         print_json(rows)
         return
     table = Table("host", "name", "agent", "health", "failures", "next probe", "last error", title="Hosts")
     for host in rows:
-        health = host["health"]
+        host_health = host["health"]
         table.add_row(
             host["uuid"],
             host["name"],
             host["agent_url"],
-            f"[{_STATE_STYLES[health['state']]}]{health['state']}[/]",
-            str(health["consecutive_failures"]),
-            _when(health["next_probe_at"]) if health["next_probe_at"] else "",
-            health["last_error"] or "",
+            f"[{_STATE_STYLES[host_health['state']]}]{host_health['state']}[/]",
+            str(host_health["consecutive_failures"]),
+            _when(host_health["next_probe_at"]) if host_health["next_probe_at"] else "",
+            host_health["last_error"] or "",
         )
-    out.print(table if rows else "No hosts hold orphan files.")
+    out.print(table if rows else "No hosts.")
 
 
 def _when(value: str) -> str:

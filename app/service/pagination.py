@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, TypeVarTuple
 from uuid import UUID
 
 from sqlalchemy import Select
@@ -19,6 +19,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 from app.service.errors import ServiceError
 
 T = TypeVar("T")
+Columns = TypeVarTuple("Columns")
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -86,6 +87,16 @@ def page_of(rows: list[T], limit: int, cursor: Callable[[T], str]) -> Page[T]:
     return Page(rows, None)
 
 
+def in_uuid_order(
+    statement: Select[*Columns], key: InstrumentedAttribute[UUID], *, limit: int, after: str | None
+) -> Select[*Columns]:
+    """`statement` in the order of its UUID column `key`, from the cursor `after` on, one row more than a page."""
+    statement = statement.order_by(key).limit(limit + 1)
+    if after is not None:
+        statement = statement.where(key > after_uuid(after))
+    return statement
+
+
 async def page_by_uuid(
     session: AsyncSession,
     statement: Select[T],
@@ -95,7 +106,5 @@ async def page_by_uuid(
     after: str | None,
 ) -> Page[T]:
     """A page of the rows `statement` selects, in the order of their UUID column `key`, from the cursor `after` on."""
-    statement = statement.order_by(key).limit(limit + 1)
-    if after is not None:
-        statement = statement.where(key > after_uuid(after))
-    return page_of(list(await session.scalars(statement)), limit, lambda row: uuid_cursor(getattr(row, key.key)))
+    rows = list(await session.scalars(in_uuid_order(statement, key, limit=limit, after=after)))
+    return page_of(rows, limit, lambda row: uuid_cursor(getattr(row, key.key)))

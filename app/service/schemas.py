@@ -10,6 +10,7 @@ from app.protocol import FILE_TYPES, MAX_PATH_BYTES, SECRET_FILE_NAME_PATTERN, F
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
 HostState = Literal["pending", "deleted", "failed"]
+HealthState = Literal["ok", "failing"]
 
 
 def _utc_rfc3339(value: datetime) -> str:
@@ -120,7 +121,7 @@ class HostIn(_Body):
 class HostHealthOut(BaseModel):
     """Whether a host's agent answers calls, as every replica sees it."""
 
-    state: Literal["ok", "failing"] = Field(
+    state: HealthState = Field(
         description="failing from the first call the host left unanswered, ok from the first it answered with a 200"
     )
     consecutive_failures: int = Field(description="unanswered calls since the host last answered")

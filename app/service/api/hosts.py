@@ -4,13 +4,15 @@ import logging
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
-from app.service.api.deps import SessionDep
+from app.service.api.deps import AfterQuery, LimitQuery, SessionDep
 from app.service.api.errors import problem_responses
+from app.service.api.links import set_next_link
 from app.service.inventory import service as inventory
 from app.service.inventory.decommission import delete_host
-from app.service.schemas import HostIn, HostOut
+from app.service.pagination import DEFAULT_LIMIT
+from app.service.schemas import HealthState, HostIn, HostOut
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,30 @@ async def put_host(host_uuid: UUID, body: HostIn, session: SessionDep, response:
         answer = await inventory.host_out(session, host)
     response.status_code = 201 if created else 200
     return answer
+
+
+@router.get(
+    "",
+    response_model=list[HostOut],
+    summary="List hosts and their health",
+    description=(
+        "In UUID order, each with its health as `GET /hosts/{host_uuid}` gives it; `health` keeps the hosts of one "
+        'state. Paged with `limit` and the `Link: <...>; rel="next"` header.'
+    ),
+    responses=problem_responses(400, 422),
+)
+async def list_hosts(
+    session: SessionDep,
+    request: Request,
+    response: Response,
+    health: Annotated[HealthState | None, Query(description="Only the hosts whose health is this")] = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    after: AfterQuery = None,
+) -> list[HostOut]:
+    async with session.begin():
+        page = await inventory.list_hosts(session, health=health, limit=limit, after=after)
+    set_next_link(request, response, page.next_cursor)
+    return page.items
 
 
 @router.get("/{host_uuid}", response_model=HostOut, summary="Read a host", responses=problem_responses(404, 422))

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from app.service.api.deps import AfterTimeQuery, LimitQuery, SessionDep
 from app.service.api.errors import problem_responses
 from app.service.api.links import set_next_link
+from app.service.api.openapi import operation_link
 from app.service.db.notify import Notifications, wait_for_any
 from app.service.jobs import reads as jobs
 from app.service.pagination import DEFAULT_LIMIT
@@ -31,6 +32,12 @@ RETRY_AFTER_HEADER = {
     }
 }
 """The OpenAPI description of the Retry-After header of job answers."""
+
+JOB_ACCEPTED = {
+    "headers": RETRY_AFTER_HEADER,
+    "links": {"jobs-get": operation_link("jobs-get", job_id="$response.body#/id")},
+}
+"""The OpenAPI description of a 202 that answers with a new job (or the one under way): follow it at GET /jobs/{id}."""
 
 
 def job_response(job: JobOut, *, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -1,7 +1,9 @@
-"""What the OpenAPI schema says beyond what FastAPI derives: short operation ids and one `Problem` component.
+"""What the OpenAPI schema says beyond what FastAPI derives: short operation ids, links between operations, and
+one `Problem` component.
 
 Other services consume the API through clients generated from /openapi.json: an operation id becomes a
-method's name, and a component becomes one model that every error answer parses into.
+method's name, a link says which call an answer leads to (and lets a stateful fuzzer chain calls), and a
+component becomes one model that every error answer parses into.
 """
 
 from typing import Any, get_origin, get_type_hints
@@ -29,6 +31,12 @@ def operation_id(route: APIRoute) -> str:
     answers_list = get_origin(get_type_hints(route.endpoint).get("return")) is list
     verb = "list" if method == "GET" and answers_list else _VERBS[method]
     return f"{resource}-{verb}"
+
+
+def operation_link(operation_id: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link from an answer to the operation `operation_id` (see operation_id), each of whose
+    parameters is a runtime expression on that answer, e.g. `job_id="$response.body#/id"`."""
+    return {"operationId": operation_id, "parameters": parameters}
 
 
 def add_problem_component(app: FastAPI) -> None:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 
 from app.service.api.deps import EngineDep, SessionDep
 from app.service.api.errors import problem_responses
-from app.service.api.jobs import RETRY_AFTER_HEADER, job_response
+from app.service.api.jobs import JOB_ACCEPTED, job_response
 from app.service.inventory import service as inventory
 from app.service.removal import request as removal
 from app.service.schemas import HostFileOut, JobOut, TpmIn, TpmOut, TpmWithFilesOut
@@ -63,7 +63,7 @@ async def get_tpm(vm_uuid: UUID, session: SessionDep) -> TpmWithFilesOut:
         "(the detail names that job); seldom, when the VM's TPM was created or removed under the request again and "
         "again: ask again."
     ),
-    responses={202: {"headers": RETRY_AFTER_HEADER}, **problem_responses(404, 409, 422)},
+    responses={202: JOB_ACCEPTED, **problem_responses(404, 409, 422)},
 )
 async def remove_tpm(vm_uuid: UUID, engine: EngineDep) -> Response:
     job, _created = await removal.request_removal(engine, vm_uuid)

@@ -6,8 +6,9 @@ from fastapi import APIRouter, Request, Response
 
 from app.service.api.deps import AfterQuery, EngineDep, LimitQuery, SessionDep
 from app.service.api.errors import problem_responses
-from app.service.api.jobs import RETRY_AFTER_HEADER, job_response
+from app.service.api.jobs import JOB_ACCEPTED, job_response
 from app.service.api.links import set_next_link
+from app.service.api.openapi import operation_link
 from app.service.inventory import service as inventory
 from app.service.pagination import DEFAULT_LIMIT
 from app.service.removal import request as removal
@@ -15,19 +16,51 @@ from app.service.schemas import HostFileIn, HostFileOut, JobOut, VmIn, VmOut
 
 router = APIRouter(prefix="/vms", tags=["inventory"])
 
+# What a client does next with a VM it has put: its TPM and the files it keeps on hosts.
+_VM_LINKS = {
+    "links": {
+        operation: operation_link(operation, vm_uuid="$response.body#/uuid")
+        for operation in ("tpm-create", "tpm-get", "tpm-remove", "host-files-create", "host-files-list")
+    }
+}
+
 
 @router.put(
     "/{vm_uuid}",
     response_model=VmOut,
     summary="Create or replace a VM",
     description="201 when the VM was created, 200 when it was replaced. 409 while the VM is being deleted.",
-    responses={201: {"model": VmOut, "description": "Created"}, **problem_responses(400, 409, 413, 422)},
+    responses={
+        200: _VM_LINKS,
+        201: {"model": VmOut, "description": "Created", **_VM_LINKS},
+        **problem_responses(400, 409, 413, 422),
+    },
 )
 async def put_vm(vm_uuid: UUID, body: VmIn, session: SessionDep, response: Response) -> VmOut:
     async with session.begin():
         vm, created = await inventory.put_vm(session, vm_uuid, body)
     response.status_code = 201 if created else 200
     return VmOut.model_validate(vm, from_attributes=True)
+
+
+@router.get(
+    "",
+    response_model=list[VmOut],
+    summary="List VMs",
+    description='In UUID order. Paged with `limit` and the `Link: <...>; rel="next"` header.',
+    responses=problem_responses(400, 422),
+)
+async def list_vms(
+    session: SessionDep,
+    request: Request,
+    response: Response,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    after: AfterQuery = None,
+) -> list[VmOut]:
+    async with session.begin():
+        page = await inventory.list_vms(session, limit=limit, after=after)
+    set_next_link(request, response, page.next_cursor)
+    return [VmOut.model_validate(vm, from_attributes=True) for vm in page.items]
 
 
 @router.get("/{vm_uuid}", response_model=VmOut, summary="Read a VM", responses=problem_responses(404, 422))
@@ -51,7 +84,7 @@ async def get_vm(vm_uuid: UUID, session: SessionDep) -> VmOut:
         "while a removal of its TPM is queued or running (the detail names that job), or, seldom, when the VM "
         "changed under the request again and again: ask again."
     ),
-    responses={202: {"headers": RETRY_AFTER_HEADER}, **problem_responses(404, 409, 422)},
+    responses={202: JOB_ACCEPTED, **problem_responses(404, 409, 422)},
 )
 async def delete_vm(vm_uuid: UUID, engine: EngineDep) -> Response:
     job, _created = await removal.request_vm_deletion(engine, vm_uuid)

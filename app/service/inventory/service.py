@@ -21,8 +21,8 @@ from app.service.db.models import (
     Vm,
 )
 from app.service.errors import ConflictError, NotFoundError
-from app.service.pagination import Page, page_by_uuid
-from app.service.schemas import HEALTHY, HostFileIn, HostHealthOut, HostIn, HostOut, TpmIn, VmIn
+from app.service.pagination import Page, in_uuid_order, page_by_uuid, page_of, uuid_cursor
+from app.service.schemas import HEALTHY, HealthState, HostFileIn, HostHealthOut, HostIn, HostOut, TpmIn, VmIn
 
 # PostgreSQL's xmax is 0 only on a row the statement inserted (not on one ON CONFLICT updated).
 _INSERTED = type_coerce(literal_column("xmax = 0"), Boolean).label("created")
@@ -69,13 +69,34 @@ async def list_agent_urls(session: AsyncSession) -> list[str]:
 
 async def host_out(session: AsyncSession, host: Host) -> HostOut:
     """The host as the API shows it, with its health (app/service/orphans/health.py)."""
-    health = await session.get(HostHealth, host.uuid, populate_existing=True)
+    return _host_out(host, await session.get(HostHealth, host.uuid, populate_existing=True))
+
+
+async def list_hosts(
+    session: AsyncSession, *, health: HealthState | None, limit: int, after: str | None
+) -> Page[HostOut]:
+    """A page of the hosts with their health, in UUID order, of one health state when `health` is given.
+
+    Each host's health comes in the same statement (a host without a health row has never failed a call: ok)."""
+    statement = select(Host, HostHealth).outerjoin(HostHealth, HostHealth.host_uuid == Host.uuid)
+    if health is not None:
+        statement = statement.where(func.coalesce(HostHealth.state, HEALTHY.state) == health)
+    rows = (await session.execute(in_uuid_order(statement, Host.uuid, limit=limit, after=after))).all()
+    return page_of([_host_out(host, row_health) for host, row_health in rows], limit, lambda out: uuid_cursor(out.uuid))
+
+
+def _host_out(host: Host, health: HostHealth | None) -> HostOut:
     return HostOut(
         uuid=host.uuid,
         name=host.name,
         agent_url=host.agent_url,
         health=HEALTHY if health is None else HostHealthOut.model_validate(health, from_attributes=True),
     )
+
+
+async def list_vms(session: AsyncSession, *, limit: int, after: str | None) -> Page[Vm]:
+    """A page of the VMs, in UUID order."""
+    return await page_by_uuid(session, select(Vm), Vm.uuid, limit=limit, after=after)
 
 
 async def put_vm(session: AsyncSession, vm_uuid: UUID, body: VmIn) -> tuple[Vm, bool]:
