@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from app.agent.confinement import PathRefused, confine_paths, delete_confined, real_roots
 from app.agent.outcome import DeleteOutcome
 from app.agent.secrets import Libvirt, plan_secrets, undefine_secrets
+from app.agent.tracing import log_trace_ids
 from app.protocol import (
     DELETE_PATH,
     HEALTH_PATH,
@@ -41,7 +42,7 @@ def create_agent_app(*roots: Path, token: str | None = None, libvirt: Libvirt | 
     """Build the agent's web application, confined to `roots` and `libvirt`, optionally requiring a bearer token."""
     if not roots:
         raise ValueError("the agent needs at least one root")
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[log_trace_ids])
     app[_ROOTS_KEY] = real_roots(roots)
     app[_LIBVIRT_KEY] = libvirt if libvirt is not None else Libvirt()
     if token is not None:

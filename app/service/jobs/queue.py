@@ -35,6 +35,8 @@ class JobClaim:
     tpm_uuid: UUID | None
     token: UUID
     attempt: int
+    trace_context: str | None = None
+    """The W3C trace context of the request that created the job (app/service/tracing.py), which its runs continue."""
 
     def fence_params(self, lease_seconds: float) -> dict[str, object]:
         """The parameters of a fenced write for this claim: the job, its token, and the lease to renew."""
@@ -49,7 +51,10 @@ async def claim_jobs(connection: asyncpg.Connection, *, limit: int, lease_second
     """Claim up to `limit` jobs that are queued, or running under a lease that ran out (one statement, which
     commits alone on a connection of `app.service.db.engine.driver_connection`)."""
     rows = await _CLAIM.fetch(connection, {"limit": limit, "lease": lease_seconds})
-    return [JobClaim(r["id"], r["type"], r["vm_uuid"], r["tpm_uuid"], r["lease_token"], r["attempts"]) for r in rows]
+    return [
+        JobClaim(r["id"], r["type"], r["vm_uuid"], r["tpm_uuid"], r["lease_token"], r["attempts"], r["trace_context"])
+        for r in rows
+    ]
 
 
 async def renew_leases(session: AsyncSession, claims: list[JobClaim], *, lease_seconds: float) -> set[UUID]:
