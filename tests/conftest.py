@@ -20,6 +20,7 @@ from app.service.db.engine import asyncpg_dsn
 from app.service.db.migrate import upgrade
 from app.service.main import create_app
 from app.service.settings import Settings
+from app.service.tracing import Tracing
 
 
 async def create_database(server_url: str) -> str:
@@ -77,11 +78,12 @@ AppFactory = Callable[..., Awaitable[httpx.AsyncClient]]
 
 @pytest.fixture
 async def make_client(database_url: str) -> AsyncIterator[AppFactory]:
-    """Start the app (lifespan, worker and all) with settings overrides; an httpx client bound to it."""
+    """Start the app (lifespan, worker and all) with settings overrides (and `tracing`, else OpenTelemetry's
+    variables'); an httpx client bound to it."""
     stack: list[tuple[FastAPI, Any, httpx.AsyncClient]] = []
 
-    async def start(*, run_worker: bool = True, **overrides: Any) -> httpx.AsyncClient:
-        app = create_app(test_settings(**overrides), database_url=database_url, run_worker=run_worker)
+    async def start(*, run_worker: bool = True, tracing: Tracing | None = None, **overrides: Any) -> httpx.AsyncClient:
+        app = create_app(test_settings(**overrides), database_url=database_url, run_worker=run_worker, tracing=tracing)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
