@@ -12,7 +12,6 @@ instrumentation is installed (the FastAPI one alone cost 70 µs of CPU per reque
 continues or starts each request's trace, and the ids travel as they would.
 """
 
-import json
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim
+from app.service.trace_context import stored_trace_context
 
 DEFAULT_SERVICE_NAME = "vtpm-cleanup"
 # OTLP over HTTP is the one OTLP exporter installed (the gRPC one would bring grpcio): "otlp" names it.
@@ -174,24 +174,6 @@ def untrace_statements(tracing: Tracing) -> None:
     if tracing.exporting:
         AsyncPGInstrumentor().uninstrument()  # type: ignore[no-untyped-call]
         tracing.provider.force_flush()
-
-
-def current_trace_context() -> str | None:
-    """The current span's trace context, as JSON of its W3C headers, for a job to keep; None outside a trace."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return json.dumps(carrier, separators=(",", ":")) if carrier else None
-
-
-def stored_trace_context(stored: str | None) -> Context:
-    """The context a stored trace context (`current_trace_context`) continues; an empty one for None."""
-    return propagate.extract(json.loads(stored) if stored else {}, context=Context())
-
-
-def linked_trace(stored: str | None) -> list[Link]:
-    """A link to the span of a stored trace context, or none."""
-    span_context = trace.get_current_span(stored_trace_context(stored)).get_span_context()
-    return [Link(span_context)] if span_context.is_valid else []
 
 
 def traced_job(

@@ -10,6 +10,7 @@ queries.sql beside this module.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from uuid import UUID
 
 import asyncpg
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.service.db.engine import DriverStatement
 from app.service.db.queries import load_queries
+from app.service.trace_context import trace_id_of
 
 QUERIES = load_queries(__file__)
 _CLAIM = DriverStatement.of(text(QUERIES["claim_jobs"]))
@@ -42,9 +44,16 @@ class JobClaim:
         """The parameters of a fenced write for this claim: the job, its token, and the lease to renew."""
         return {"job_id": self.job_id, "token": self.token, "lease": lease_seconds}
 
+    @cached_property
+    def _trace_id(self) -> str | None:
+        return trace_id_of(self.trace_context)
+
     def log_fields(self) -> dict[str, str]:
-        """The fields every log line about this job carries."""
-        return {"job_id": str(self.job_id), "job_type": self.job_type, "vm_uuid": str(self.vm_uuid)}
+        """The fields every log line about this job carries: its trace's id too, where it has one."""
+        fields = {"job_id": str(self.job_id), "job_type": self.job_type, "vm_uuid": str(self.vm_uuid)}
+        if self._trace_id is not None:
+            fields["trace_id"] = self._trace_id
+        return fields
 
 
 async def claim_jobs(connection: asyncpg.Connection, *, limit: int, lease_seconds: float) -> list[JobClaim]:

@@ -20,7 +20,7 @@ from app.service.db.models import OrphanFile
 from app.service.db.queries import load_queries
 from app.service.orphans.health import record_contact
 from app.service.pagination import Page, page_by_uuid
-from app.service.tracing import linked_trace
+from app.service.trace_context import linked_trace
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from app.service.errors import ConflictError, NotFoundError
 from app.service.inventory.service import get_vm, job_under_way_detail
 from app.service.jobs.reads import get_job, job_out
 from app.service.schemas import JobOut
-from app.service.tracing import current_trace_context
+from app.service.trace_context import current_trace_context
 
 # A request's attempts: each further one follows a change of the VM's state between two statements.
 _REQUEST_ATTEMPTS = 3

@@ -1,0 +1,35 @@
+"""How a W3C trace context is kept in a row (a job's, an orphan's) and taken up again: JSON of its headers.
+
+Apart from app/service/tracing.py, which sets tracing up, so that the queue and the domains can keep and continue
+trace contexts without loading the instrumentations.
+"""
+
+import json
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link
+
+
+def current_trace_context() -> str | None:
+    """The current span's trace context, as JSON of its W3C headers, for a job to keep; None outside a trace."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return json.dumps(carrier, separators=(",", ":")) if carrier else None
+
+
+def stored_trace_context(stored: str | None) -> Context:
+    """The context a kept trace context (`current_trace_context`) continues; an empty one for None."""
+    return propagate.extract(json.loads(stored) if stored else {}, context=Context())
+
+
+def linked_trace(stored: str | None) -> list[Link]:
+    """A link to the span of a kept trace context, or none."""
+    span_context = trace.get_current_span(stored_trace_context(stored)).get_span_context()
+    return [Link(span_context)] if span_context.is_valid else []
+
+
+def trace_id_of(stored: str | None) -> str | None:
+    """The trace id (32 hex digits) of a kept trace context, for log lines; None for none."""
+    span_context = trace.get_current_span(stored_trace_context(stored)).get_span_context()
+    return trace.format_trace_id(span_context.trace_id) if span_context.is_valid else None
