@@ -12,13 +12,17 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 
 from app.service.logs import log_handler
 from app.service.tracing import Tracing, TracingConfigError, tracing_from_environment, tracing_to
-from devtools.local_stack import LocalProcess, agent_process, wait_until
+from devtools.local_stack import agent_process, service_process, wait_until
 from tests.agent_helpers import Handler, RecordingAgent, running_app
 from tests.conftest import AppFactory
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, wait_for_job
@@ -280,8 +284,55 @@ def test_the_standard_variables_choose_the_exporters(monkeypatch: pytest.MonkeyP
 
 
 def test_serve_with_an_unknown_exporter_stops_with_one_line(database_url: str, tmp_path: Path) -> None:
-    from devtools.local_stack import service_process
-
-    service: LocalProcess = service_process(database_url, tmp_path, OTEL_TRACES_EXPORTER="no-such-exporter")
+    service = service_process(database_url, tmp_path, OTEL_TRACES_EXPORTER="no-such-exporter")
     with pytest.raises(RuntimeError, match="no span exporter 'no-such-exporter' is installed"):
         service.start()
+
+
+class OtlpCollector:
+    """An OTLP/HTTP receiver on loopback, as Jaeger's or a collector's: keeps the spans it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, Any]] = []
+        """(service.name of the resource, span) for every span received."""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._receive)
+        return app
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        export = ExportTraceServiceRequest.FromString(await request.read())
+        for resource_spans in export.resource_spans:
+            service = next(a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name")
+            self.spans += [(service, span) for scope in resource_spans.scope_spans for span in scope.spans]
+        return web.Response(
+            body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf"
+        )
+
+
+async def test_serve_exports_a_removals_spans_over_otlp_where_the_standard_variable_points(
+    database_url: str, tmp_path: Path, traced_agent: tuple[str, TracedAgent]
+) -> None:
+    collector = OtlpCollector()
+    agent_url, agent = traced_agent
+    async with running_app(collector.app()) as collector_url:
+        service = service_process(
+            database_url, tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=collector_url, OTEL_BSP_SCHEDULE_DELAY="100"
+        )
+        async with service, httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+            vm = await vm_with_files_on(client, [(agent.root, agent_url)])
+            answer = await client.delete(f"/vms/{vm}/tpm", headers={"traceparent": CALLER_TRACEPARENT})
+            assert answer.status_code == 202, answer.text
+            await wait_for_job(client, answer.json()["id"])
+
+            def job_exported() -> bool:
+                return any(span.name == "job remove-tpm" for _, span in collector.spans)
+
+            await wait_until(job_exported, timeout=30, what="the job's span reaches the collector")
+    in_trace = [(service, span) for service, span in collector.spans if span.trace_id.hex() == CALLER_TRACE_ID]
+    assert {service for service, _ in in_trace} == {"vtpm-cleanup"}
+    names = {span.name for _, span in in_trace}
+    assert {"DELETE /vms/{vm_uuid}/tpm", "job remove-tpm", "POST"} <= names, names
+    (call,) = [span for _, span in in_trace if span.name == "POST"]
+    assert agent.traceparents == [f"00-{CALLER_TRACE_ID}-{call.span_id.hex()}-01"]
