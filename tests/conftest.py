@@ -1,6 +1,8 @@
 """Test fixtures: a real PostgreSQL (embedded, or TEST_DATABASE_URL's server), the app, and HTTP clients."""
 
 import asyncio
+import io
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +20,7 @@ from sqlalchemy import make_url, text
 from app.service.db.embedded import start_embedded_postgres
 from app.service.db.engine import asyncpg_dsn
 from app.service.db.migrate import upgrade
+from app.service.logs import log_handler
 from app.service.main import create_app
 from app.service.settings import Settings
 from app.service.tracing import Tracing
@@ -95,6 +98,22 @@ async def make_client(database_url: str) -> AsyncIterator[AppFactory]:
     for _, lifespan, client in reversed(stack):
         await client.aclose()
         await lifespan.__aexit__(None, None, None)
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Everything the process logs during the test, down to DEBUG, through the service's own handler (JSON)."""
+    stream = io.StringIO()
+    handler = log_handler(stream)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 import io
 import json
-import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +19,6 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 
-from app.service.logs import log_handler
 from app.service.tracing import Tracing, TracingConfigError, tracing_from_environment, tracing_to
 from devtools.local_stack import agent_process, service_process, wait_until
 from tests.agent_helpers import Handler, RecordingAgent, running_app
@@ -67,22 +65,6 @@ def exported() -> Iterator[tuple[Tracing, InMemorySpanExporter]]:
     tracing = tracing_to([exporter])
     yield tracing, exporter
     tracing.provider.shutdown()
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    """What the service logs during the test, through its own handler (JSON lines)."""
-    stream = io.StringIO()
-    handler = log_handler(stream)
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def trace_id_of_stored(trace_context: str | None) -> str:

@@ -33,7 +33,7 @@ from app.protocol import (
     describe_invalid,
 )
 from app.service.metrics import AGENT_CALL_DURATION, AGENT_CALLS_TOTAL
-from app.service.tracing import inject_trace_context
+from app.service.trace_context import inject_trace_context
 
 __all__ = [
     "AgentClient",

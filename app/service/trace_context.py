@@ -18,6 +18,12 @@ def current_trace_context() -> str | None:
     return json.dumps(carrier, separators=(",", ":")) if carrier else None
 
 
+def inject_trace_context(headers: dict[str, str]) -> None:
+    """Add the current span's `traceparent` (and `tracestate`) to an outgoing request's headers; a span of the
+    request's own, when one is recorded, replaces it with its own (app/service/tracing.py)."""
+    propagate.inject(headers)
+
+
 def stored_trace_context(stored: str | None) -> Context:
     """The context a kept trace context (`current_trace_context`) continues; an empty one for None."""
     return propagate.extract(json.loads(stored) if stored else {}, context=Context())
@@ -29,7 +35,7 @@ def linked_trace(stored: str | None) -> list[Link]:
     return [Link(span_context)] if span_context.is_valid else []
 
 
-def trace_id_of(stored: str | None) -> str | None:
-    """The trace id (32 hex digits) of a kept trace context, for log lines; None for none."""
-    span_context = trace.get_current_span(stored_trace_context(stored)).get_span_context()
+def trace_id_of(context: Context) -> str | None:
+    """The trace id (32 hex digits) of a context's span, for log lines; None outside a trace."""
+    span_context = trace.get_current_span(context).get_span_context()
     return trace.format_trace_id(span_context.trace_id) if span_context.is_valid else None

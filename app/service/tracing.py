@@ -34,7 +34,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim
-from app.service.trace_context import stored_trace_context
 
 DEFAULT_SERVICE_NAME = "vtpm-cleanup"
 # OTLP over HTTP is the one OTLP exporter installed (the gRPC one would bring grpcio): "otlp" names it.
@@ -139,25 +138,24 @@ class TraceContextMiddleware:
     def __init__(self, app: ASGIApp, tracer: Tracer) -> None:
         self._app = app
         self._tracer = tracer
+        # The headers the propagators read (traceparent, tracestate, baggage): only these are decoded.
+        self._fields = {field.encode("latin-1") for field in propagate.get_global_textmap().fields}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"] if name in self._fields
+        }
         with self._tracer.start_as_current_span("request", context=propagate.extract(carrier), kind=SpanKind.SERVER):
             await self._app(scope, receive, send)
 
 
 def agent_trace_configs(tracing: Tracing) -> list[aiohttp.TraceConfig]:
     """The aiohttp trace configs of the agent session: a span per agent call when exporting, else none (each call
-    still carries the trace context: `inject_trace_context`)."""
+    still carries the trace context: `app.service.trace_context.inject_trace_context`)."""
     return [create_trace_config(tracer_provider=tracing.provider)] if tracing.exporting else []
-
-
-def inject_trace_context(headers: dict[str, str]) -> None:
-    """Add the current span's `traceparent` (and `tracestate`) to an outgoing request's headers."""
-    propagate.inject(headers)
 
 
 def trace_statements(tracing: Tracing) -> None:
@@ -184,7 +182,7 @@ def traced_job(
     async def run_in_job_span(claim: JobClaim, lease: LeaseClock) -> int:
         with tracer.start_as_current_span(
             f"job {claim.job_type}",
-            context=stored_trace_context(claim.trace_context),
+            context=claim.trace_parent,
             kind=SpanKind.CONSUMER,
             attributes={
                 "job.id": str(claim.job_id),

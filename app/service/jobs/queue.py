@@ -14,12 +14,13 @@ from functools import cached_property
 from uuid import UUID
 
 import asyncpg
+from opentelemetry.context import Context
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.service.db.engine import DriverStatement
 from app.service.db.queries import load_queries
-from app.service.trace_context import trace_id_of
+from app.service.trace_context import stored_trace_context, trace_id_of
 
 QUERIES = load_queries(__file__)
 _CLAIM = DriverStatement.of(text(QUERIES["claim_jobs"]))
@@ -38,15 +39,21 @@ class JobClaim:
     token: UUID
     attempt: int
     trace_context: str | None = None
-    """The W3C trace context of the request that created the job (app/service/tracing.py), which its runs continue."""
+    """The W3C trace context of the request that created the job (app/service/trace_context.py), which its runs
+    continue."""
 
     def fence_params(self, lease_seconds: float) -> dict[str, object]:
         """The parameters of a fenced write for this claim: the job, its token, and the lease to renew."""
         return {"job_id": self.job_id, "token": self.token, "lease": lease_seconds}
 
     @cached_property
+    def trace_parent(self) -> Context:
+        """The context every run of the job continues: the span of the request that created it, if it had one."""
+        return stored_trace_context(self.trace_context)
+
+    @cached_property
     def _trace_id(self) -> str | None:
-        return trace_id_of(self.trace_context)
+        return trace_id_of(self.trace_parent)
 
     def log_fields(self) -> dict[str, str]:
         """The fields every log line about this job carries: its trace's id too, where it has one."""
