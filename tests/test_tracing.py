@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
+from sqlalchemy import text
 
 from app.service.tracing import Tracing, TracingConfigError, tracing_from_environment, tracing_to
 from devtools.local_stack import agent_process, service_process, wait_until
@@ -73,10 +74,8 @@ def trace_id_of_stored(trace_context: str | None) -> str:
     return str(json.loads(trace_context)["traceparent"].split("-")[1])
 
 
-async def stored_trace_context(client: httpx.AsyncClient, table: str, key: str, value: str) -> str | None:
+async def trace_context_column(client: httpx.AsyncClient, table: str, key: str, value: str) -> str | None:
     """The trace_context column of a row of the service's database."""
-    from sqlalchemy import text
-
     async with client.app.state.sessions() as session:  # type: ignore[attr-defined]
         row = (await session.execute(text(f"SELECT trace_context FROM {table} WHERE {key} = :v"), {"v": value})).one()
     stored: str | None = row.trace_context
@@ -100,9 +99,7 @@ async def finished_spans(tracing: Tracing, exporter: InMemorySpanExporter, name:
         tracing.provider.force_flush()
         return any(span.name == name for span in exporter.get_finished_spans())
 
-    await wait_until(
-        ended, timeout=30, what=f"a span {name!r} is exported: {[s.name for s in exporter.get_finished_spans()]}"
-    )
+    await wait_until(ended, timeout=30, what=f"a span {name!r} is exported")
     return list(exporter.get_finished_spans())
 
 
@@ -154,7 +151,7 @@ async def test_one_removal_is_one_trace_from_the_request_through_the_job_to_each
     assert in_request and len(in_job) >= 2, [s.name for s in statements]
     assert all(s.context.trace_id == trace_id for s in in_request + in_job)
     # The job keeps the request's trace context, and each real agent process logs the trace's id with the request.
-    assert trace_id_of_stored(await stored_trace_context(client, "jobs", "id", job["id"])) == format_trace_id(trace_id)
+    assert trace_id_of_stored(await trace_context_column(client, "jobs", "id", job["id"])) == format_trace_id(trace_id)
     for agent in agents:
         lines = [line for line in agent.log_text().splitlines() if f"trace_id={format_trace_id(trace_id)}" in line]
         assert any("request method=POST" in line for line in lines), agent.log_text()
@@ -176,7 +173,7 @@ async def test_without_an_exporter_the_trace_ids_still_reach_the_job_every_host_
     job = await wait_for_job(client, answer.json()["id"])
     assert job["orphan_files"] == 1
 
-    assert trace_id_of_stored(await stored_trace_context(client, "jobs", "id", job["id"])) == CALLER_TRACE_ID
+    assert trace_id_of_stored(await trace_context_column(client, "jobs", "id", job["id"])) == CALLER_TRACE_ID
     (job_call,) = agent.traceparents
     assert job_call is not None and job_call.split("-")[1] == CALLER_TRACE_ID
     # A span of the job, not the caller's own.
@@ -185,7 +182,7 @@ async def test_without_an_exporter_the_trace_ids_still_reach_the_job_every_host_
     (failed,) = [line for line in lines if line["message"] == "host delete failed; its files become orphans"]
     assert failed["trace_id"] == CALLER_TRACE_ID and failed["job_id"] == job["id"]
     # The orphan keeps the job's trace context; its retry is a trace of its own.
-    assert await stored_trace_context(client, "orphan_files", "job_id", job["id"]) == await stored_trace_context(
+    assert await trace_context_column(client, "orphan_files", "job_id", job["id"]) == await trace_context_column(
         client, "jobs", "id", job["id"]
     )
     agent.mode = "ok"
@@ -239,7 +236,7 @@ async def test_a_malformed_traceparent_is_ignored_and_a_trace_starts(
     headers = {"traceparent": traceparent, "tracestate": "a=\x01,,=,b"}
     answer = await client.delete(f"/vms/{vm}/tpm", headers=headers)
     assert answer.status_code == 202, answer.text
-    stored = await stored_trace_context(client, "jobs", "id", answer.json()["id"])
+    stored = await trace_context_column(client, "jobs", "id", answer.json()["id"])
     trace_id = trace_id_of_stored(stored)
     assert re.fullmatch(r"[0-9a-f]{32}", trace_id) and trace_id not in (CALLER_TRACE_ID, "0" * 32)
     assert (await client.get(f"/vms/{uuid.uuid4()}", headers=headers)).status_code == 404
