@@ -9,6 +9,9 @@ import json
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_W3C = TraceContextTextMapPropagator()
 
 
 def current_trace_context() -> str | None:
@@ -19,9 +22,12 @@ def current_trace_context() -> str | None:
 
 
 def inject_trace_context(headers: dict[str, str]) -> None:
-    """Add the current span's `traceparent` (and `tracestate`) to an outgoing request's headers; a span of the
-    request's own, when one is recorded, replaces it with its own (app/service/tracing.py)."""
-    propagate.inject(headers)
+    """Add the current span's `traceparent` (and `tracestate`) to an agent call's headers; a span of the call's own,
+    when one is recorded, replaces them with its own (app/service/tracing.py).
+
+    W3C Trace Context alone, whatever OTEL_PROPAGATORS says: it is what the host-agent protocol reads.
+    """
+    _W3C.inject(headers)
 
 
 def stored_trace_context(stored: str | None) -> Context:
