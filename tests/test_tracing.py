@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 from sqlalchemy import text
 
+from app.service.logs import log_handler
+from app.service.trace_context import stored_trace_context
 from app.service.tracing import Tracing, TracingConfigError, tracing_from_environment, tracing_to
 from devtools.local_stack import agent_process, service_process, wait_until
 from tests.agent_helpers import Handler, RecordingAgent, running_app
@@ -28,6 +31,7 @@ from tests.inventory_helpers import add_file, make_files, put_host, put_vm, wait
 
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_TRACEPARENT = f"00-{CALLER_TRACE_ID}-00f067aa0ba902b7-01"
+CALLER_CONTEXT = json.dumps({"traceparent": CALLER_TRACEPARENT})
 MALFORMED_TRACEPARENTS = [
     "garbage",
     f"00-{'0' * 32}-00f067aa0ba902b7-01",  # an all-zero trace id
@@ -315,3 +319,31 @@ async def test_serve_exports_a_removals_spans_over_otlp_where_the_standard_varia
     assert {"DELETE /vms/{vm_uuid}/tpm", "job remove-tpm", "POST"} <= names, names
     (call,) = [span for _, span in in_trace if span.name == "POST"]
     assert agent.traceparents == [f"00-{CALLER_TRACE_ID}-{call.span_id.hex()}-01"]
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as a person's shell is."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream_type", [io.StringIO, Terminal], ids=["json", "key=value"])
+def test_lines_written_inside_a_span_carry_its_trace_id_in_either_format(stream_type: type[io.StringIO]) -> None:
+    stream = stream_type()
+    logger = logging.getLogger("app.test.tracing")
+    handler = log_handler(stream)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    tracer = tracing_to([]).tracer
+    try:
+        with tracer.start_as_current_span("request", context=stored_trace_context(CALLER_CONTEXT)):
+            logger.info("inside")
+        logger.info("outside")
+    finally:
+        logger.removeHandler(handler)
+    inside, outside = stream.getvalue().splitlines()
+    if stream_type is Terminal:
+        assert inside.endswith(f"inside trace_id={CALLER_TRACE_ID}") and outside.endswith("outside")
+    else:
+        assert json.loads(inside)["trace_id"] == CALLER_TRACE_ID and "trace_id" not in json.loads(outside)
