@@ -1,6 +1,8 @@
 """Test fixtures: a real PostgreSQL (embedded, or TEST_DATABASE_URL's server), the app, HTTP clients, a libvirtd."""
 
 import asyncio
+import io
+import logging
 import os
 import shutil
 import tempfile
@@ -19,8 +21,10 @@ from sqlalchemy import make_url, text
 from app.service.db.embedded import start_embedded_postgres
 from app.service.db.engine import asyncpg_dsn
 from app.service.db.migrate import upgrade
+from app.service.logs import log_handler
 from app.service.main import create_app
 from app.service.settings import Settings
+from app.service.tracing import Tracing
 from tests.real_libvirt import LibvirtDaemon, missing_requirement
 from tests.real_parts import require
 
@@ -80,11 +84,12 @@ AppFactory = Callable[..., Awaitable[httpx.AsyncClient]]
 
 @pytest.fixture
 async def make_client(database_url: str) -> AsyncIterator[AppFactory]:
-    """Start the app (lifespan, worker and all) with settings overrides; an httpx client bound to it."""
+    """Start the app (lifespan, worker and all) with settings overrides (and `tracing`, else OpenTelemetry's
+    variables'); an httpx client bound to it."""
     stack: list[tuple[FastAPI, Any, httpx.AsyncClient]] = []
 
-    async def start(*, run_worker: bool = True, **overrides: Any) -> httpx.AsyncClient:
-        app = create_app(test_settings(**overrides), database_url=database_url, run_worker=run_worker)
+    async def start(*, run_worker: bool = True, tracing: Tracing | None = None, **overrides: Any) -> httpx.AsyncClient:
+        app = create_app(test_settings(**overrides), database_url=database_url, run_worker=run_worker, tracing=tracing)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
@@ -96,6 +101,22 @@ async def make_client(database_url: str) -> AsyncIterator[AppFactory]:
     for _, lifespan, client in reversed(stack):
         await client.aclose()
         await lifespan.__aexit__(None, None, None)
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Everything the process logs during the test, down to DEBUG, through the service's own handler (JSON)."""
+    stream = io.StringIO()
+    handler = log_handler(stream)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.fixture

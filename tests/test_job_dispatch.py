@@ -35,7 +35,14 @@ async def test_each_job_goes_to_the_handler_of_its_type_and_an_unknown_type_fail
             )
         return 0
 
-    reaper = OrphanReaper(state.sessions, state.agent, retry_seconds=1, retry_max_seconds=1, call_timeout_seconds=1)
+    reaper = OrphanReaper(
+        state.sessions,
+        state.agent,
+        retry_seconds=1,
+        retry_max_seconds=1,
+        call_timeout_seconds=1,
+        tracer=state.tracing.tracer,
+    )
     worker = Worker(
         state.engine,
         {"probe": probe},

@@ -5,37 +5,19 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from fastapi import FastAPI
 
-from app.service.logs import JsonFormatter, KeyValueFormatter, log_handler
+from app.service.logs import JsonFormatter, KeyValueFormatter
 from tests.agent_helpers import running_agent
 from tests.conftest import AppFactory
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 
 API_TOKEN = f"api-secret-{uuid.uuid4().hex}"
 AGENT_TOKEN = f"agent-secret-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    """Everything the process logs during the test, down to DEBUG, through the service's own handler (JSON)."""
-    stream = io.StringIO()
-    handler = log_handler(stream)
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:

@@ -46,7 +46,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def test_compose_has_postgres_migrate_two_apis_and_two_agents(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {"postgres", "migrate", "api-1", "api-2", "agent-1", "agent-2"}
+    assert set(services) == {"postgres", "migrate", "api-1", "api-2", "agent-1", "agent-2", "jaeger"}
     postgres = services["postgres"]
     assert postgres["image"].startswith("postgres:")
     assert "pgdata:/var/lib/postgresql" in postgres["volumes"]
@@ -81,6 +81,32 @@ def test_compose_api_replicas_wait_for_the_migration_and_share_the_database(
         assert interpolate(api["environment"]["API_TOKEN"])
     assert host_ports == {"8000", "8001"}
     assert services["migrate"]["environment"]["DATABASE_URL"] == services["api-1"]["environment"]["DATABASE_URL"]
+
+
+def test_compose_traces_to_jaeger_only_with_the_tracing_profile_and_its_endpoint(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    jaeger = services["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    assert jaeger["profiles"] == ["tracing"]
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true" and "16686:16686" in jaeger["ports"]
+    assert [name for name, service in services.items() if "profiles" in service] == ["jaeger"]
+    for name in ("api-1", "api-2"):
+        environment = services[name]["environment"]
+        # Nothing is exported unless the endpoint is given; the replicas start without Jaeger.
+        assert interpolate(environment["OTEL_EXPORTER_OTLP_ENDPOINT"]) == ""
+        assert "jaeger" not in services[name]["depends_on"]
+        assert interpolate(environment["OTEL_SERVICE_NAME"]) == "vtpm-cleanup"
+        assert interpolate(environment["OTEL_PYTHON_FASTAPI_EXCLUDED_URLS"]).split(",") == [
+            "healthz",
+            "readyz",
+            "metrics",
+        ]
+    # The endpoint the compose file's comment gives is Jaeger's OTLP over HTTP, the exporter the service has.
+    assert (
+        "OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4318 docker compose --profile tracing up"
+        in (ROOT / "docker-compose.yml").read_text()
+    )
 
 
 def test_compose_agents_run_the_shipped_agent_as_root_on_their_own_volume(

@@ -15,6 +15,7 @@ from pathlib import Path
 from app.agent.libvirt import DEFAULT_LIBVIRT_URI, NO_LIBVIRT_URI, libvirt_at
 from app.agent.server import serve_agent
 from app.agent.tls import TlsFileError, add_tls_options, ssl_context_from_options
+from app.agent.tracing import TraceIdFilter
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,7 +64,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         ssl_context = ssl_context_from_options(options)
     except TlsFileError as error:
         parser().error(str(error))
-    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_id_field)s"
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(TraceIdFilter())
     with suppress(KeyboardInterrupt):
         asyncio.run(
             serve_agent(

@@ -23,6 +23,7 @@ from app.agent.in_use import UsageUnknown, in_use
 from app.agent.libvirt import NO_LIBVIRT_URI, Libvirt, LibvirtError
 from app.agent.outcome import DeleteOutcome
 from app.agent.secrets import SecretPlan, plan_secrets, undefine_secrets
+from app.agent.tracing import log_trace_ids
 from app.protocol import (
     DELETE_PATH,
     HEALTH_PATH,
@@ -48,7 +49,7 @@ def create_agent_app(*roots: Path, libvirt: Libvirt | None, token: str | None = 
     """
     if not roots:
         raise ValueError("the agent needs at least one root")
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[log_trace_ids])
     app[_ROOTS_KEY] = real_roots(roots)
     app[_LIBVIRT_KEY] = libvirt
     if token is not None:

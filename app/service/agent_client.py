@@ -33,6 +33,7 @@ from app.protocol import (
     describe_invalid,
 )
 from app.service.metrics import AGENT_CALL_DURATION, AGENT_CALLS_TOTAL
+from app.service.trace_context import inject_trace_context
 
 __all__ = [
     "AgentClient",
@@ -140,13 +141,16 @@ def agent_ssl_context(
     return context
 
 
-def agent_session(concurrency: int, ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
+def agent_session(
+    concurrency: int, ssl_context: ssl.SSLContext, trace_configs: Sequence[aiohttp.TraceConfig] = ()
+) -> aiohttp.ClientSession:
     """The one HTTP session a process calls agents through: `concurrency` connections, kept alive between calls.
 
     Keep-alive matters most over TLS: a handshake costs far more than a delete call, so each connection's
-    handshake is paid once, not per call.
+    handshake is paid once, not per call. `trace_configs` make a span of each call (app/service/tracing.py).
     """
     return aiohttp.ClientSession(
+        trace_configs=list(trace_configs),
         connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, ssl=ssl_context),
         # Agent calls are bounded by AgentClient; a timer of the session's own for every call (its default is
         # 5 minutes) would bound nothing more and cost each call another timer.
@@ -290,6 +294,7 @@ class AgentClient:
         headers = {"Content-Type": "application/json"}
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token}"
+        inject_trace_context(headers)
         limit = max(_MIN_ANSWER_LIMIT, _ANSWER_LIMIT_FACTOR * len(body))
         try:
             # The call's one timer is asyncio.timeout in the caller; the session adds none of its own (see

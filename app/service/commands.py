@@ -37,10 +37,11 @@ def serve(
     database_url = resolve_database_url(settings)
     from app.service.agent_client import AgentTlsError
     from app.service.main import create_app
+    from app.service.tracing import TracingConfigError
 
     try:
         app = create_app(settings, database_url=database_url)
-    except AgentTlsError as error:
+    except (AgentTlsError, TracingConfigError) as error:
         log.error("cannot start: %s", error)
         raise typer.Exit(1) from None
     upgrade(database_url)

@@ -6,6 +6,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from opentelemetry import trace
+
 from app.service.request_id import RequestIdFilter
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is a field.
@@ -47,11 +49,22 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
+class TraceIdFilter(logging.Filter):
+    """Adds `trace_id` (32 hex digits) to log records written inside a span (app/service/tracing.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            record.trace_id = trace.format_trace_id(span_context.trace_id)
+        return True
+
+
 def log_handler(stream: TextIO) -> logging.Handler:
-    """A handler writing to `stream`: key=value on a terminal, JSON lines elsewhere, request ids added."""
+    """A handler writing to `stream`: key=value on a terminal, JSON lines elsewhere, request and trace ids added."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(KeyValueFormatter() if stream.isatty() else JsonFormatter())
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(TraceIdFilter())
     return handler
 
 

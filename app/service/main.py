@@ -32,6 +32,15 @@ from app.service.orphans.reaper import OrphanReaper
 from app.service.removal.run import TPM_REMOVAL, VM_DELETION, Removal
 from app.service.request_id import add_request_ids
 from app.service.settings import Settings, get_settings
+from app.service.tracing import (
+    Tracing,
+    agent_trace_configs,
+    trace_requests,
+    trace_statements,
+    traced_job,
+    tracing_from_environment,
+    untrace_statements,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +80,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # makes every earlier worker commit durable too.
     worker_engine = new_engine(synchronous_commit=False)
     sessions = create_session_factory(engine)
-    http = agent_session(settings.agent_concurrency, app.state.agent_ssl_context)
+    tracing: Tracing = app.state.tracing
+    http = agent_session(settings.agent_concurrency, app.state.agent_ssl_context, agent_trace_configs(tracing))
     agent = AgentClient(
         http,
         timeout_seconds=settings.agent_timeout_seconds,
@@ -90,13 +100,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     worker = Worker(
         worker_engine,
-        {"remove-tpm": removal(scope=TPM_REMOVAL).run, "delete-vm": removal(scope=VM_DELETION).run},
+        {
+            "remove-tpm": traced_job(tracing.tracer, removal(scope=TPM_REMOVAL).run),
+            "delete-vm": traced_job(tracing.tracer, removal(scope=VM_DELETION).run),
+        },
         OrphanReaper(
             create_session_factory(worker_engine),
             agent,
             retry_seconds=settings.orphan_retry_seconds,
             retry_max_seconds=settings.orphan_retry_max_seconds,
             call_timeout_seconds=settings.agent_timeout_seconds,
+            tracer=tracing.tracer,
         ),
         notifications,
         lease_seconds=settings.job_lease_seconds,
@@ -111,6 +125,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.agent = agent
     app.state.notifications = notifications
     app.state.worker = worker
+    trace_statements(tracing)
     if app.state.run_worker:
         worker.start()
     try:
@@ -128,6 +143,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.close()
         await engine.dispose()
         await worker_engine.dispose()
+        untrace_statements(tracing)
 
 
 async def warn_about_plain_http_agents(sessions: async_sessionmaker[AsyncSession], agent: AgentClient) -> None:
@@ -146,9 +162,14 @@ async def warn_about_plain_http_agents(sessions: async_sessionmaker[AsyncSession
 
 
 def create_app(
-    settings: Settings | None = None, *, database_url: str | None = None, run_worker: bool = True
+    settings: Settings | None = None,
+    *,
+    database_url: str | None = None,
+    run_worker: bool = True,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
-    """The service's ASGI app; `database_url` overrides the settings (tests), `run_worker` runs jobs here."""
+    """The service's ASGI app; `database_url` overrides the settings (tests), `run_worker` runs jobs here, `tracing`
+    overrides OpenTelemetry's variables (tests)."""
     app = FastAPI(
         title="vTPM cleanup service",
         version="0.1.0",
@@ -174,12 +195,15 @@ def create_app(
         settings.agent_ca_file, settings.agent_cert_file, settings.agent_key_file
     )
     app.state.database_url = database_url
+    app.state.tracing = tracing = tracing or tracing_from_environment()
     app.state.run_worker = run_worker
     app.state.stopping = asyncio.Event()
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit)
     app.add_middleware(HttpMetrics)
     add_request_ids(app)
+    # Outermost: every middleware's log lines carry the request's trace id.
+    trace_requests(app, tracing)
     app.include_router(health.router)
     add_offline_docs(app)
     protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 403, 503))

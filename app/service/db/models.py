@@ -195,6 +195,9 @@ class Job(Base):
     planned: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
     orphan_files: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
+    # The W3C trace context (JSON of its headers) of the request that created the job: every run of the job, also
+    # one resumed by another process, continues that trace (app/service/tracing.py).
+    trace_context: Mapped[str | None] = mapped_column(Text)
 
 
 class JobHost(Base):
@@ -245,6 +248,8 @@ class OrphanFile(Base):
     # Fencing of the reaper: a claim draws a token and pushes next_attempt_at past the call's end.
     claim_token: Mapped[UUID | None] = mapped_column(Uuid)
     created_at: Mapped[datetime] = _created_at()
+    # The trace context of the job that left the orphan: its retries' spans link to that trace.
+    trace_context: Mapped[str | None] = mapped_column(Text)
 
 
 class AbandonedFile(Base):

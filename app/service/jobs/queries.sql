@@ -21,7 +21,7 @@ WHERE id IN (
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id, type, vm_uuid, tpm_uuid, lease_token, attempts
+RETURNING id, type, vm_uuid, tpm_uuid, lease_token, attempts, trace_context
 
 -- renew_leases --
 -- The leases of all the jobs a worker holds, in one statement; answers the ids still held.

@@ -10,14 +10,17 @@ queries.sql beside this module.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from uuid import UUID
 
 import asyncpg
+from opentelemetry.context import Context
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.service.db.engine import DriverStatement
 from app.service.db.queries import load_queries
+from app.service.trace_context import stored_trace_context, trace_id_of
 
 QUERIES = load_queries(__file__)
 _CLAIM = DriverStatement.of(text(QUERIES["claim_jobs"]))
@@ -35,21 +38,39 @@ class JobClaim:
     tpm_uuid: UUID | None
     token: UUID
     attempt: int
+    trace_context: str | None = None
+    """The W3C trace context of the request that created the job (app/service/trace_context.py), which its runs
+    continue."""
 
     def fence_params(self, lease_seconds: float) -> dict[str, object]:
         """The parameters of a fenced write for this claim: the job, its token, and the lease to renew."""
         return {"job_id": self.job_id, "token": self.token, "lease": lease_seconds}
 
+    @cached_property
+    def trace_parent(self) -> Context:
+        """The context every run of the job continues: the span of the request that created it, if it had one."""
+        return stored_trace_context(self.trace_context)
+
+    @cached_property
+    def _trace_id(self) -> str | None:
+        return trace_id_of(self.trace_parent)
+
     def log_fields(self) -> dict[str, str]:
-        """The fields every log line about this job carries."""
-        return {"job_id": str(self.job_id), "job_type": self.job_type, "vm_uuid": str(self.vm_uuid)}
+        """The fields every log line about this job carries: its trace's id too, where it has one."""
+        fields = {"job_id": str(self.job_id), "job_type": self.job_type, "vm_uuid": str(self.vm_uuid)}
+        if self._trace_id is not None:
+            fields["trace_id"] = self._trace_id
+        return fields
 
 
 async def claim_jobs(connection: asyncpg.Connection, *, limit: int, lease_seconds: float) -> list[JobClaim]:
     """Claim up to `limit` jobs that are queued, or running under a lease that ran out (one statement, which
     commits alone on a connection of `app.service.db.engine.driver_connection`)."""
     rows = await _CLAIM.fetch(connection, {"limit": limit, "lease": lease_seconds})
-    return [JobClaim(r["id"], r["type"], r["vm_uuid"], r["tpm_uuid"], r["lease_token"], r["attempts"]) for r in rows]
+    return [
+        JobClaim(r["id"], r["type"], r["vm_uuid"], r["tpm_uuid"], r["lease_token"], r["attempts"], r["trace_context"])
+        for r in rows
+    ]
 
 
 async def renew_leases(session: AsyncSession, claims: list[JobClaim], *, lease_seconds: float) -> set[UUID]:

@@ -52,7 +52,7 @@ UPDATE orphan_files SET claim_token = :token, next_attempt_at = now() + :hold * 
 FROM chosen, hosts
 WHERE orphan_files.uuid = chosen.uuid AND hosts.uuid = orphan_files.host_uuid
 RETURNING orphan_files.uuid, orphan_files.host_uuid, orphan_files.vm_uuid, orphan_files.job_id, orphan_files.path,
-          orphan_files.type, hosts.agent_url, chosen.probe
+          orphan_files.type, orphan_files.trace_context, hosts.agent_url, chosen.probe
 
 -- confirm --
 -- The host confirmed: the orphans of this claim are gone, and their deletion is confirmed in the ledger. An orphan

@@ -10,6 +10,8 @@ import random
 from dataclasses import dataclass
 from uuid import UUID, uuid4
 
+from opentelemetry.context import Context
+from opentelemetry.trace import Tracer
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -18,6 +20,7 @@ from app.service.db.models import OrphanFile
 from app.service.db.queries import load_queries
 from app.service.orphans.health import record_contact
 from app.service.pagination import Page, page_by_uuid
+from app.service.trace_context import linked_trace
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ class _OrphanGroup:
     files: list[FileToDelete]
     probe: bool
     """Whether this call is the probe of a failing host."""
+    trace_context: str | None
+    """The trace context of the job that left the orphans, which the retry's span links to."""
 
     def log_fields(self) -> dict[str, str]:
         """The fields every log line about this retry carries: the job, VM and host, as the job's own lines."""
@@ -63,9 +68,11 @@ class OrphanReaper:
         retry_seconds: float,
         retry_max_seconds: float,
         call_timeout_seconds: float,
+        tracer: Tracer,
     ) -> None:
         self._sessions = sessions
         self._agent = agent
+        self._tracer = tracer
         self._retry_seconds = retry_seconds
         self._retry_max_seconds = retry_max_seconds
         self._hold_seconds = 2 * call_timeout_seconds + 5
@@ -89,19 +96,35 @@ class OrphanReaper:
             key = (row.host_uuid, row.vm_uuid, row.job_id)
             if key not in grouped:
                 grouped[key] = _OrphanGroup(
-                    row.host_uuid, row.vm_uuid, row.job_id, row.agent_url, [], [], probe=row.probe
+                    row.host_uuid,
+                    row.vm_uuid,
+                    row.job_id,
+                    row.agent_url,
+                    [],
+                    [],
+                    probe=row.probe,
+                    trace_context=row.trace_context,
                 )
             grouped[key].uuids.append(row.uuid)
             grouped[key].files.append(FileToDelete(path=row.path, type=row.type))
         return list(grouped.values())
 
     async def _retry_group(self, token: UUID, group: _OrphanGroup) -> None:
-        result = await self._agent.delete_files(group.agent_url, group.vm_uuid, group.files, host_uuid=group.host_uuid)
-        try:
-            await self._record(token, group, result)
-        except Exception as error:
-            # The claim's hold runs out and the orphans come due again: nothing is lost.
-            log.warning("could not record orphan retry", extra={**group.log_fields(), "reason": repr(error)})
+        # A trace of its own, linked to the job's: a retry may come days after the job, in another process.
+        with self._tracer.start_as_current_span(
+            "host probe" if group.probe else "orphan retry",
+            context=Context(),
+            links=linked_trace(group.trace_context),
+            attributes={**group.log_fields(), "files": len(group.files)},
+        ):
+            result = await self._agent.delete_files(
+                group.agent_url, group.vm_uuid, group.files, host_uuid=group.host_uuid
+            )
+            try:
+                await self._record(token, group, result)
+            except Exception as error:
+                # The claim's hold runs out and the orphans come due again: nothing is lost.
+                log.warning("could not record orphan retry", extra={**group.log_fields(), "reason": repr(error)})
 
     async def _record(self, token: UUID, group: _OrphanGroup, result: HostDeleteResult) -> None:
         async with self._sessions() as session, session.begin():

@@ -27,8 +27,8 @@
 -- that a TPM being deleted by a finishing removal yields no job rather than one for a TPM that is gone; the
 -- partial unique index of active jobs (named by repeating its predicate, which must be literal) turns a job
 -- already queued into no row too. It is the whole of the common DELETE.
-INSERT INTO jobs (id, type, vm_uuid, tpm_uuid)
-SELECT :job_id, 'remove-tpm', tpms.vm_uuid, tpms.uuid FROM tpms WHERE tpms.vm_uuid = :vm_uuid FOR UPDATE
+INSERT INTO jobs (id, type, vm_uuid, tpm_uuid, trace_context)
+SELECT :job_id, 'remove-tpm', tpms.vm_uuid, tpms.uuid, :trace_context FROM tpms WHERE tpms.vm_uuid = :vm_uuid FOR UPDATE
 ON CONFLICT (vm_uuid) WHERE state IN ('queued', 'running') DO NOTHING
 RETURNING *
 
@@ -37,8 +37,8 @@ RETURNING *
 -- its TPM, if it has one, is named. The VM row is locked, so that a write to the VM that is under way (a new TPM
 -- or host file) is committed before the job is, and so seen by its plan; every such write made after it sees the
 -- job, and is refused.
-INSERT INTO jobs (id, type, vm_uuid, tpm_uuid)
-SELECT :job_id, 'delete-vm', vms.uuid, tpms.uuid
+INSERT INTO jobs (id, type, vm_uuid, tpm_uuid, trace_context)
+SELECT :job_id, 'delete-vm', vms.uuid, tpms.uuid, :trace_context
 FROM vms LEFT JOIN tpms ON tpms.vm_uuid = vms.uuid WHERE vms.uuid = :vm_uuid FOR UPDATE OF vms
 ON CONFLICT (vm_uuid) WHERE state IN ('queued', 'running') DO NOTHING
 RETURNING *
@@ -179,15 +179,16 @@ WITH outcome AS (
         error = NULL, orphan_files = (SELECT count(*) FROM files WHERE state <> 'deleted'),
         tpm_uuid = (SELECT uuid FROM tpms WHERE tpms.vm_uuid = :vm_uuid)
     WHERE jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running'
-    RETURNING id, orphan_files
+    RETURNING id, orphan_files, trace_context
 ), recorded AS (
     UPDATE job_hosts SET state = outcome.state, error = outcome.error
     FROM job, outcome
     WHERE job_hosts.job_id = job.id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
 ), orphans AS (
-    INSERT INTO orphan_files (uuid, host_uuid, vm_uuid, job_id, path, type, attempts, last_error, next_attempt_at)
+    INSERT INTO orphan_files (uuid, host_uuid, vm_uuid, job_id, path, type, attempts, last_error, next_attempt_at,
+                              trace_context)
     SELECT files.file_uuid, files.host_uuid, :vm_uuid, :job_id, files.path, files.type,
-           1, files.error, now() + :retry * interval '1 second'
+           1, files.error, now() + :retry * interval '1 second', job.trace_context
     FROM job, files
     WHERE files.state <> 'deleted'
 ), confirmed AS (

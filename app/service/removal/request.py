@@ -14,6 +14,7 @@ from app.service.errors import ConflictError, NotFoundError
 from app.service.inventory.service import get_vm, job_under_way_detail
 from app.service.jobs.reads import get_job, job_out
 from app.service.schemas import JobOut
+from app.service.trace_context import current_trace_context
 
 # A request's attempts: each further one follows a change of the VM's state between two statements.
 _REQUEST_ATTEMPTS = 3
@@ -57,7 +58,8 @@ async def _queue(connection: asyncpg.Connection, job_type: str, vm_uuid: UUID) -
     """The row of the job inserted, or else the id of the job of that type under way; NotFoundError or
     ConflictError."""
     for _ in range(_REQUEST_ATTEMPTS):
-        if queued := await _QUEUE[job_type].fetch(connection, {"job_id": uuid4(), "vm_uuid": vm_uuid}):
+        params = {"job_id": uuid4(), "vm_uuid": vm_uuid, "trace_context": current_trace_context()}
+        if queued := await _QUEUE[job_type].fetch(connection, params):
             return queued[0]
         ((vm, active, active_type, tpm),) = await _REMOVAL_STATE.fetch(connection, {"vm_uuid": vm_uuid})
         if active is not None:
