@@ -117,7 +117,7 @@ async def test_one_removal_is_one_trace_from_the_request_through_the_job_to_each
     tracing, exporter = exported
     client = await make_client(tracing=tracing)
     roots = [tmp_path / "host-1", tmp_path / "host-2"]
-    agents = [agent_process([root], tmp_path, options=["--libvirt-uri", "none"]) for root in roots]
+    agents = [agent_process([root], tmp_path) for root in roots]
     for root, agent in zip(roots, agents, strict=True):
         root.mkdir()
         await agent.started()
