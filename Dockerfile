@@ -2,7 +2,7 @@
 # The service's image: `docker build -t vtpm-cleanup .`, then `docker run -p 8000:8000 -e DATABASE_URL=... vtpm-cleanup`
 # (add `-e MIGRATE_ON_START=1` to apply migrations first). The same image can run the host agent for trying it out
 # (docker-compose.yml does); on a real host the agent runs as a system service, not in a container
-# (deploy/vtpm-agent.service, README "Running the agent on a host").
+# (deploy/vtpm-agent.service, docs/operations.md "Running the agent on a host").
 
 # Stage 1: every dependency as a wheel, built where compilers may be needed; none of it reaches the runtime.
 FROM python:3.11-slim AS build

@@ -1,8 +1,9 @@
 """`python -m bench.statements`: CPU per statement, via SQLAlchemy and as an `app.service.db.engine.DriverStatement`.
 
-The measured reason why a removal's fixed statements run on asyncpg past SQLAlchemy (README, "How it works"): the
-same statement, on connections of the same pool, 16 at a time, each on a connection checked out for it as the
-service does. Prints the CPU time of this process (user + system) per statement for each way, over several rounds.
+The measured reason why a removal's fixed statements run on asyncpg past SQLAlchemy (docs/design.md, "How a removal
+works"): the same statement, on connections of the same pool, 16 at a time, each on a connection checked out for it
+as the service does. Prints the CPU time of this process (user + system) per statement for each way, over several
+rounds.
 """
 
 import argparse

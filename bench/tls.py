@@ -11,7 +11,7 @@ from app.agent.tls import server_ssl_context
 
 @dataclass(frozen=True)
 class BenchPki:
-    """PEM files of one private CA, as an operator would set them up (README, Running agents over mutual TLS)."""
+    """PEM files of one private CA, as an operator would set them up (docs/operations.md, mutual TLS)."""
 
     ca_file: Path
     agent_cert_file: Path

@@ -1,4 +1,4 @@
-"""`make demo` runs as shown in the README, proves its claims, and leaves nothing running or on disk."""
+"""`make demo` runs as shown in docs/operations.md, proves its claims, and leaves nothing running or on disk."""
 
 import re
 import shutil

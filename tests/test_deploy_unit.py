@@ -1,4 +1,4 @@
-"""deploy/vtpm-agent.service: what systemd makes of it, and that it starts the agent as the README says."""
+"""deploy/vtpm-agent.service: what systemd makes of it, and that it starts the agent as docs/operations.md says."""
 
 import re
 import shlex

@@ -98,10 +98,16 @@ def vacuum_cost_delays(connection: Connection) -> dict[str, str | None]:
     return {row[0]: row[1] for row in rows}
 
 
-async def test_the_tables_retention_prunes_are_vacuumed_gently_until_downgraded(empty_database_url: str) -> None:
-    await asyncio.to_thread(upgrade, empty_database_url)
+async def test_the_pruned_tables_are_vacuumed_as_the_server_says_once_0008_resets_what_0006_set(
+    empty_database_url: str,
+) -> None:
+    await asyncio.to_thread(upgrade, empty_database_url, "0007")
     assert await run_sync(empty_database_url, vacuum_cost_delays) == dict.fromkeys(PRUNED_TABLES, "10")
 
+    await asyncio.to_thread(upgrade, empty_database_url)
+    assert await run_sync(empty_database_url, vacuum_cost_delays) == dict.fromkeys(PRUNED_TABLES, None)
+
+    # 0008's downgrade sets nothing again, and 0006's resets what is no longer set without failing.
     await asyncio.to_thread(downgrade, empty_database_url, "0005")
     assert await run_sync(empty_database_url, vacuum_cost_delays) == dict.fromkeys(PRUNED_TABLES, None)
 
@@ -111,16 +117,28 @@ def flush_after(connection: Connection) -> str:
     return str(connection.execute(text("SHOW backend_flush_after")).scalar())
 
 
-async def test_every_session_in_the_database_flushes_what_it_evicts_until_downgraded(empty_database_url: str) -> None:
+async def test_every_session_flushes_as_the_server_says_once_0008_resets_what_0007_set(
+    empty_database_url: str,
+) -> None:
     assert await run_sync(empty_database_url, flush_after) == "0"
-    await asyncio.to_thread(upgrade, empty_database_url)
+    await asyncio.to_thread(upgrade, empty_database_url, "0007")
     assert await run_sync(empty_database_url, flush_after) == "256kB"
 
+    await asyncio.to_thread(upgrade, empty_database_url)
+    assert await run_sync(empty_database_url, flush_after) == "0"
+
+    await asyncio.to_thread(downgrade, empty_database_url, "0007")
+    assert await run_sync(empty_database_url, flush_after) == "0"
     await asyncio.to_thread(downgrade, empty_database_url, "0006")
     assert await run_sync(empty_database_url, flush_after) == "0"
 
 
-async def test_a_role_that_does_not_own_the_database_migrates_without_the_flush_setting_and_is_warned(
+def warnings_about(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
+    """The messages logged so far that contain `words`."""
+    return [record.getMessage() for record in caplog.records if words in record.getMessage()]
+
+
+async def test_a_role_that_does_not_own_the_database_migrates_and_leaves_the_owner_s_flush_setting_alone(
     server_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     role, password = f"vtpm_not_owner_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
@@ -136,9 +154,18 @@ async def test_a_role_that_does_not_own_the_database_migrates_without_the_flush_
             assert await run_sync(role_url, tables) == OUR_TABLES | {"alembic_version"}
             assert await run_sync(role_url, flush_after) == "0"
             await asyncio.to_thread(downgrade, role_url, "base")
-        messages = [record.getMessage() for record in caplog.records]
-        warnings = [message for message in messages if "does not own the database" in message]
-        assert len(warnings) == 2, warnings  # one up, one down
+            # 0007 could set nothing, up or down; 0008 finds nothing set and says nothing.
+            assert len(warnings_about(caplog, "does not own the database")) == 2
+            assert warnings_about(caplog, "keeps backend_flush_after") == []
+
+            # The owner sets it, as 0007's warning suggests; 0008, run by the other role, leaves it and says so.
+            await asyncio.to_thread(upgrade, role_url, "0007")
+            database = make_url(database_url).database
+            await superuser.execute(f"ALTER DATABASE \"{database}\" SET backend_flush_after = '512kB'")
+            await asyncio.to_thread(upgrade, role_url)
+            assert await run_sync(role_url, flush_after) == "512kB"
+            assert len(warnings_about(caplog, "keeps backend_flush_after")) == 1
+            assert await run_sync(role_url, vacuum_cost_delays) == dict.fromkeys(PRUNED_TABLES, None)
     finally:
         await superuser.close()
         # A shared server (TEST_DATABASE_URL's) is left as it was; the role's grant goes with the database.

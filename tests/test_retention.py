@@ -19,7 +19,7 @@ from app.service.jobs.worker import Worker
 from app.service.metrics import refresh_gauges
 from app.service.settings import Settings
 from tests.agent_helpers import running_agent
-from tests.conftest import AppFactory, setting_of_each_pool
+from tests.conftest import AppFactory
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
 from tests.reliability.process_helpers import wait_until
 
@@ -248,12 +248,3 @@ def test_the_pruner_rests_gently_unless_jobs_finish_faster(
     assert rest_after_batch(
         pruned=PRUNE_BATCH_JOBS, batch_seconds=batch_seconds, finished_per_second=finished_per_second
     ) == pytest.approx(rest)
-
-
-async def test_every_connection_of_the_service_writes_the_pages_it_evicts_out_at_once(
-    client: httpx.AsyncClient,
-) -> None:
-    # A pruned backlog's pages, evicted by requests and jobs, would otherwise reach the disk in the kernel's bursts.
-    # The setting is the database's (migration 0007), so autovacuum's workers have it too
-    # (tests/test_migrations.py).
-    assert await setting_of_each_pool(client, "backend_flush_after") == {"engine": "256kB", "worker_engine": "256kB"}

@@ -144,10 +144,11 @@ async def test_one_removal_is_one_trace_from_the_request_through_the_job_to_each
     assert job_span.kind is SpanKind.CONSUMER and job_span.context.trace_id == trace_id
     assert job_span.parent is not None and job_span.parent.span_id == request.context.span_id
     assert job_span.attributes is not None and job_span.attributes["job.id"] == job["id"]
+    # The app's reaper may meanwhile retry other tests' orphans, each in a trace of its own: only this trace counts.
     host_calls = [s for s in spans if s.kind is SpanKind.CLIENT and s.name.startswith("POST")]
+    host_calls = [s for s in host_calls if s.context.trace_id == trace_id]
     assert len(host_calls) == 2
     for call in host_calls:
-        assert call.context.trace_id == trace_id
         assert call.parent is not None and call.parent.span_id == job_span.context.span_id
     statements = [s for s in spans if s.attributes is not None and s.attributes.get("db.system") == "postgresql"]
     in_request = [s for s in statements if s.parent is not None and s.parent.span_id == request.context.span_id]

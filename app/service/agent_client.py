@@ -202,7 +202,7 @@ class AgentClient:
         if urlsplit(agent_url).scheme == "http":
             logger.warning(
                 "agent is called over plain HTTP agent_url=%s: the agent is not authenticated and its token and "
-                "requests can be read on the network (README: Running agents over mutual TLS)",
+                "requests can be read on the network (docs/operations.md: Running agents over mutual TLS)",
                 agent_url,
             )
 
