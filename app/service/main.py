@@ -26,8 +26,10 @@ from app.service.db.engine import (
 )
 from app.service.db.notify import Notifications
 from app.service.inventory.service import list_agent_urls
+from app.service.jobs.retention import Pruner
+from app.service.jobs.types import JobType
 from app.service.jobs.worker import Worker
-from app.service.metrics import HttpMetrics
+from app.service.metrics import GaugeRefresher, HttpMetrics
 from app.service.orphans.reaper import OrphanReaper
 from app.service.removal.run import TPM_REMOVAL, VM_DELETION, Removal
 from app.service.request_id import add_request_ids
@@ -81,36 +83,43 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     notifications = Notifications(asyncpg_dsn(database_url))
     listener = asyncio.create_task(notifications.run(), name="listen")
-    removal = partial(
-        Removal,
-        worker_engine,
-        agent,
-        orphan_retry_seconds=settings.orphan_retry_seconds,
-        orphan_retry_max_seconds=settings.orphan_retry_max_seconds,
-    )
     worker = Worker(
         worker_engine,
-        {"remove-tpm": removal(scope=TPM_REMOVAL).run, "delete-vm": removal(scope=VM_DELETION).run},
-        OrphanReaper(
-            create_session_factory(worker_engine),
-            agent,
-            retry_seconds=settings.orphan_retry_seconds,
-            retry_max_seconds=settings.orphan_retry_max_seconds,
-            call_timeout_seconds=settings.agent_timeout_seconds,
-        ),
         notifications,
         lease_seconds=settings.job_lease_seconds,
-        retention_seconds=settings.job_retention_seconds,
         poll_seconds=settings.worker_poll_seconds,
         max_jobs=settings.worker_max_jobs,
         max_failures=settings.job_max_failures,
+        backoff=settings.job_backoff(),
     )
+    orphan_backoff = settings.orphan_backoff()
+    removal = partial(Removal, worker_engine, agent, backoff=orphan_backoff)
+    worker.handle(JobType.REMOVE_TPM, removal(scope=TPM_REMOVAL).run)
+    worker.handle(JobType.DELETE_VM, removal(scope=VM_DELETION).run)
+    reaper = OrphanReaper(
+        worker_engine,
+        agent,
+        backoff=orphan_backoff,
+        call_timeout_seconds=settings.agent_timeout_seconds,
+        poll_seconds=settings.worker_poll_seconds,
+    )
+    worker.repeat("retry orphans", reaper.run_once)
+    pruner = Pruner(
+        worker_engine,
+        retention_seconds=settings.job_retention_seconds,
+        poll_seconds=settings.worker_poll_seconds,
+        jobs_ended=lambda: worker.jobs_ended,
+    )
+    worker.repeat("prune jobs", pruner.run_once)
+    worker.repeat("refresh gauges", GaugeRefresher(create_session_factory(worker_engine)).run_once)
     app.state.engine = engine
     app.state.worker_engine = worker_engine
     app.state.sessions = sessions
     app.state.agent = agent
     app.state.notifications = notifications
     app.state.worker = worker
+    app.state.reaper = reaper
+    app.state.pruner = pruner
     if app.state.run_worker:
         worker.start()
     try:

@@ -4,7 +4,7 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.service.db.models import (
@@ -66,6 +66,27 @@ async def refresh_gauges(session: AsyncSession, *, finished_jobs: bool = True) -
     }
     for state in HEALTH_STATES:
         HOSTS_BY_HEALTH.labels(state=state).set(hosts.get(state, 0))
+
+
+GAUGE_REFRESH_SECONDS = 5.0
+# Finished jobs are counted every twelfth refresh (a minute): counting them is a scan of the retained jobs.
+FINISHED_JOBS_EVERY_REFRESHES = 12
+
+
+class GaugeRefresher:
+    """Refreshes the database-backed gauges every GAUGE_REFRESH_SECONDS (a periodic task of the worker)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+        self._refreshes = 0
+
+    async def run_once(self) -> float:
+        """Refresh the gauges; the seconds to rest before the next refresh."""
+        finished_jobs = self._refreshes % FINISHED_JOBS_EVERY_REFRESHES == 0
+        self._refreshes += 1
+        async with self._sessions() as session:
+            await refresh_gauges(session, finished_jobs=finished_jobs)
+        return GAUGE_REFRESH_SECONDS
 
 
 HTTP_REQUESTS_TOTAL = Counter(
