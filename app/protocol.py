@@ -16,8 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 DELETE_PATH = "/host-files/delete"
 HEALTH_PATH = "/healthz"
 
-# A `Secret` is a libvirt secret, named by the file libvirt keeps its definition in (`<secret-uuid>.xml`).
-FileType = Literal["TpmState", "NvRam", "Secret"]
+# The types of host file. A path type names a file or a directory under the agent's roots; a `Secret` is a libvirt
+# secret, named by the file libvirt keeps its definition in (`<secret-uuid>.xml`). Which of them go with a TPM is
+# the service's rule (app/service/removal/queries.sql, `vm_files`); the database's CHECKs take them by migration.
+PathFileType = Literal["TpmState", "NvRam"]
+SecretFileType = Literal["Secret"]
+FileType = Literal[PathFileType, SecretFileType]
 FILE_TYPES: tuple[str, ...] = get_args(FileType)
 
 # libvirt names a secret's definition file after the secret's UUID, which it writes in lowercase.
