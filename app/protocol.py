@@ -16,9 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 DELETE_PATH = "/host-files/delete"
 HEALTH_PATH = "/healthz"
 
-# The types of host file. A path type names a file or a directory under the agent's roots; a `Secret` is a libvirt
-# secret, named by the file libvirt keeps its definition in (`<secret-uuid>.xml`). Which of them go with a TPM is
-# the service's rule (app/service/removal/queries.sql, `vm_files`); the database's CHECKs take them by migration.
+# A path type names a file or directory under the agent's roots; a `Secret`, the libvirt secret whose definition file
+# it names. Which go with a TPM is the rule `vm_files` (app/service/removal/queries.sql).
 PathFileType = Literal["TpmState", "NvRam"]
 SecretFileType = Literal["Secret"]
 FileType = Literal[PathFileType, SecretFileType]

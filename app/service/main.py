@@ -40,9 +40,8 @@ log = logging.getLogger(__name__)
 # Unless SHUTDOWN_GRACE_SECONDS says otherwise, a stopping process lets its running jobs go on this much
 # longer than an agent call may take before it hands them back.
 SHUTDOWN_GRACE_MARGIN_SECONDS = 2.0
-# A transaction left idle longer than a job lease belongs to a stalled process, whose lease has run out too: the
-# server ends it, so that the job row it locked can be taken over. Never sooner than this, so that a busy process
-# between two statements is not taken for a stalled one.
+# The server ends a transaction left idle longer than a job lease (its process stalled), freeing the rows it locked;
+# never sooner than this, so that a busy process between two statements is not taken for a stalled one.
 STALLED_TRANSACTION_MIN_SECONDS = 10.0
 
 
@@ -63,14 +62,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         idle_transaction_timeout=max(settings.job_lease_seconds, STALLED_TRANSACTION_MIN_SECONDS),
     )
     engine = new_engine()
-    # The worker's commits do not wait for the disk. Every commit that sends NOTIFY (a job's claim, plan and
-    # cleanup all do) holds PostgreSQL's one notification lock until it is durable, so with synchronous commits
-    # the jobs of every replica queued behind each other's disk flushes (docs/BENCHMARK.md). What a database
-    # crash can cost is the last moment of worker commits, and every one of them is redone then: a claim or
-    # plan lost is made again, outcomes and cleanup lost leave the job running, to be resumed (agents answer
-    # `missing` for files already gone), an orphan confirmation lost is retried. The API's commits stay
-    # synchronous: what a caller is told (202 with a job, 201 with a record) is on disk, and each such commit
-    # makes every earlier worker commit durable too.
+    # The worker's commits do not wait for the disk: every one is redone when a database crash loses it, and a
+    # commit that NOTIFYs would hold the notification lock until durable (docs/design.md). The API's stay durable.
     worker_engine = new_engine(synchronous_commit=False)
     sessions = create_session_factory(engine)
     http = agent_session(settings.agent_concurrency, app.state.agent_ssl_context)

@@ -42,7 +42,7 @@ async def refresh_gauges(session: AsyncSession, *, finished_jobs: bool = True) -
     cheap queries.
 
     Finished jobs are counted only when `finished_jobs`: they are nearly all of the table (JOB_RETENTION_SECONDS of
-    them), which only a scan counts (30 ms at 100,000 jobs in the benchmark), while the active ones are few and
+    them), which only a scan counts, while the active ones are few and
     counted through the claim index, which holds only them.
     """
     counted_states = JOB_STATES if finished_jobs else ACTIVE_JOB_STATES

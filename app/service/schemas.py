@@ -27,9 +27,8 @@ def _check_no_nul(value: str) -> str:
     return value
 
 
-# The rules of agent URLs and host paths are regular expressions, so that the OpenAPI schema states exactly what
-# is enforced (pydantic checks `pattern` itself). They are written in the subset that ECMA-262 (JSON Schema),
-# Rust's regex (pydantic) and Python's re share: no lookaround.
+# Regular expressions, so that the OpenAPI schema states exactly what is enforced; in the subset that JSON Schema,
+# pydantic's Rust regex and Python's re share (no lookaround).
 _HOST_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 # An IPv6 address as RFC 3986 spells it (IPv6address), so that every URL the pattern lets in parses as one
 # (Python's urlsplit, and the clients of this API, refuse a bracketed host that is no address).

@@ -24,9 +24,8 @@ class Settings(BaseSettings):
     # A second bearer token that may make GET (and HEAD) calls only: for dashboards and the CLI's read commands.
     api_read_token: SecretStr | None = None
     agent_token: SecretStr | None = None
-    # PEM files of the TLS to `https://` agents, loaded once at start (app/service/agent_client.py):
-    # the CAs that agents' certificates are verified against (unset: the system's), and the client
-    # certificate and key the service presents to them (mutual TLS; unset: none).
+    # PEM files of the TLS to `https://` agents, loaded at start: the CAs their certificates are verified against
+    # (unset: the system's), and the client certificate and key of mutual TLS (unset: none).
     agent_ca_file: Path | None = None
     agent_cert_file: Path | None = None
     agent_key_file: Path | None = None

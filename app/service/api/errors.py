@@ -100,10 +100,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
-    # The errors of an unreachable database are also registered by class, so that Starlette's
-    # ExceptionMiddleware answers them; the catch-all `Exception` handler runs in ServerErrorMiddleware,
-    # which re-raises after answering: a traceback per call during an outage, and an error in ASGI clients.
-    # asyncpg's own errors come from the statements that run past SQLAlchemy (app.service.db.engine.DriverStatement).
+    # Registered by class, so that ExceptionMiddleware answers them: the catch-all handler re-raises after answering
+    # (a traceback per call during an outage). asyncpg's own come from the named statements (app.service.db.queries).
     for error_class in (
         sa_exc.DBAPIError,
         sa_exc.TimeoutError,

@@ -24,9 +24,9 @@ class Engine(AsyncEngine):
     """The service's engine: SQLAlchemy's, with a line that its checkouts wait in, first come first served.
 
     SQLAlchemy's asyncio pool lets a checkout that arrives just as a connection is put back take it before the
-    checkout that waited for it, which goes to the back of the line: under overload some requests waited over a
-    second while most got a connection at once (docs/BENCHMARK.md). A FIFO semaphore of the pool's size in front of
-    `checkout` keeps the order; the pool itself then always has a connection for the one whose turn it is.
+    checkout that waited for it, which goes to the back of the line: under overload, a tail of requests waits long.
+    A FIFO semaphore of the pool's size in front of `checkout` keeps the order; the pool itself then has a connection
+    for the one whose turn it is. Sessions check their connection out lazily, past the line.
     """
 
     __slots__ = ("line",)
@@ -68,8 +68,7 @@ def create_engine(
     engine = create_async_engine(
         database_url,
         pool_size=pool_size,
-        # A fixed pool: under load, overflow connections were opened and closed again by the hundred per
-        # second, each a new server process whose statements are prepared anew (docs/BENCHMARK.md).
+        # A fixed pool: overflow connections opened and closed under load are each a new server process.
         max_overflow=0,
         pool_timeout=CONNECT_TIMEOUT_SECONDS,
         pool_recycle=1800,
@@ -83,10 +82,8 @@ def create_engine(
             },
         },
     )
-    # Not pool_pre_ping: on asyncpg it costs three round trips (BEGIN, a ping, ROLLBACK) on every checkout,
-    # a third of a removal's database work (see docs/BENCHMARK.md). A connection the server closed (restart,
-    # shutdown) is already known closed to asyncpg and is replaced here at no cost; one that breaks during a
-    # statement fails that call (503) and SQLAlchemy then replaces every older connection of the pool.
+    # Not pool_pre_ping, three round trips per checkout: a connection the server closed is known closed to asyncpg
+    # and replaced here; one that breaks during a statement fails that call (503) and is replaced then.
     event.listen(engine.sync_engine.pool, "checkout", _replace_if_closed)
     return Engine(engine, pool_size)
 

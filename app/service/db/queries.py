@@ -7,7 +7,7 @@ section of a sibling domain's file: CTEs that two statements share are written o
 
 Every named statement runs the same way: `await STATEMENTS.run(connection, "claim_jobs", params)`, on the driver's
 own connection (`app.service.db.engine.driver_connection`, or `driver_of(session)` inside a session's transaction).
-The driver runs a fixed statement at a third to a half of the CPU of SQLAlchemy's execution (docs/BENCHMARK.md).
+The driver runs a fixed statement with far less CPU than SQLAlchemy's execution (docs/BENCHMARK.md).
 """
 
 import re

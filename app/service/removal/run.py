@@ -97,8 +97,7 @@ class Removal:
         """Carry a claimed job to its end. Raises LeaseLostError."""
         hosts = await self.plan_removal(claim, lease)
         last_outcomes = await self.delete_on_hosts(claim, lease, hosts)
-        orphans = await self.commit_cleanup(claim, lease, last_outcomes)
-        log.info("removal done", extra={**claim.log_fields(), "orphan_files": orphans})
+        await self.commit_cleanup(claim, lease, last_outcomes)
 
     async def _fenced(
         self, claim: JobClaim, lease: LeaseClock, name: str, params: dict[str, Any]
