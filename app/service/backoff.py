@@ -16,7 +16,8 @@ class Backoff:
     def delay(self, failures: int) -> float:
         """Seconds to wait after the `failures`-th failure in a row (1: the first)."""
         step = min(self.cap, self.base * 2.0 ** max(0, failures - 1))
-        return step * random.uniform(1 - self.jitter, 1 + self.jitter)
+        # Not cryptographic: the jitter spreads load and guards nothing.
+        return step * random.uniform(1 - self.jitter, 1 + self.jitter)  # noqa: S311
 
     def probe_params(self) -> dict[str, float]:
         """The parameters of the host-health statements (orphans/queries.sql), which double a failing host's probe

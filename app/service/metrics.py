@@ -46,24 +46,16 @@ async def refresh_gauges(session: AsyncSession, *, finished_jobs: bool = True) -
     counted through the claim index, which holds only them.
     """
     counted_states = JOB_STATES if finished_jobs else ACTIVE_JOB_STATES
-    counts: dict[str, int] = {
-        state: count
-        for state, count in await session.execute(
-            select(Job.state, func.count()).where(Job.state.in_(counted_states)).group_by(Job.state)
-        )
-    }
+    by_state = select(Job.state, func.count()).where(Job.state.in_(counted_states)).group_by(Job.state)
+    counts: dict[str, int] = dict((await session.execute(by_state)).tuples().all())
     for state in counted_states:
         JOBS_BY_STATE.labels(state=state).set(counts.get(state, 0))
     ORPHAN_FILES.set(await session.scalar(select(func.count()).select_from(OrphanFile)) or 0)
     ABANDONED_FILES.set(await session.scalar(select(func.count()).select_from(AbandonedFile)) or 0)
     # A host without a health row has never failed a call: it is ok.
     health = func.coalesce(HostHealth.state, "ok")
-    hosts: dict[str, int] = {
-        state: count
-        for state, count in await session.execute(
-            select(health, func.count()).select_from(Host).outerjoin(HostHealth).group_by(health)
-        )
-    }
+    by_health = select(health, func.count()).select_from(Host).outerjoin(HostHealth).group_by(health)
+    hosts: dict[str, int] = dict((await session.execute(by_health)).tuples().all())
     for state in HEALTH_STATES:
         HOSTS_BY_HEALTH.labels(state=state).set(hosts.get(state, 0))
 

@@ -53,12 +53,14 @@ def _describe_validation(errors: list[Any]) -> str:
 
 
 async def _on_service_error(_request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, ServiceError)
+    if not isinstance(error, ServiceError):
+        raise error
     return problem(error.status, error.detail)
 
 
 async def _on_http_error(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, StarletteHTTPException)
+    if not isinstance(error, StarletteHTTPException):
+        raise error
     detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).description
     headers = dict(error.headers or {})
     allowed = _documented_methods(request) if error.status_code == 405 else None
@@ -79,7 +81,8 @@ def _documented_methods(request: Request) -> list[str] | None:
 
 
 async def _on_validation_error(_request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, RequestValidationError)
+    if not isinstance(error, RequestValidationError):
+        raise error
     return problem(422, _describe_validation(list(error.errors())))
 
 
