@@ -2,7 +2,9 @@
 
 import hmac
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
+from uuid import UUID
 
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -100,3 +102,15 @@ AfterQuery = Annotated[str | None, _after_query(UUID_CURSOR_PATTERN)]
 """The `after` cursor of a list in UUID order."""
 AfterTimeQuery = Annotated[str | None, _after_query(TIME_UUID_CURSOR_PATTERN)]
 """The `after` cursor of a list in time order (jobs, newest first)."""
+
+
+@dataclass
+class HostFilesPage:
+    """The query of a page of files of one host, or of every host: `?host_uuid=&limit=&after=`."""
+
+    host_uuid: UUID | None = None
+    limit: LimitQuery = DEFAULT_LIMIT
+    after: AfterQuery = None
+
+
+HostFilesPageQuery = Annotated[HostFilesPage, Depends()]
