@@ -99,36 +99,55 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
 
 
 @asynccontextmanager
-async def checkout(engine: Engine) -> AsyncIterator[AsyncConnection]:
-    """A connection of the engine's pool, once every checkout that asked before has had its turn; after
-    CONNECT_TIMEOUT_SECONDS in line, SQLAlchemy's pool timeout error (answered 503)."""
+async def _turn(engine: Engine) -> AsyncIterator[None]:
+    """Hold a place of the engine's line, once every checkout that asked before has had its turn; after
+    CONNECT_TIMEOUT_SECONDS of waiting, SQLAlchemy's pool timeout error (answered 503)."""
+    if engine.line.locked():
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                await engine.line.acquire()
+        except TimeoutError as error:
+            raise sa_exc.TimeoutError(f"no connection free within {CONNECT_TIMEOUT_SECONDS:g} s") from error
+    else:
+        await engine.line.acquire()  # free: no wait, so no timer to set
     try:
-        async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
-            await engine.line.acquire()
-    except TimeoutError as error:
-        raise sa_exc.TimeoutError(f"no connection free within {CONNECT_TIMEOUT_SECONDS:g} s") from error
-    try:
-        async with engine.connect() as connection:
-            yield connection
+        yield
     finally:
         engine.line.release()
 
 
 @asynccontextmanager
-async def driver_connection(engine: Engine) -> AsyncIterator[asyncpg.Connection]:
-    """A connection of the engine's pool as asyncpg's own, outside any transaction: each statement commits alone.
+async def checkout(engine: Engine) -> AsyncIterator[AsyncConnection]:
+    """A SQLAlchemy connection of the engine's pool, in its turn."""
+    async with _turn(engine), engine.connect() as connection:
+        yield connection
 
-    For the named statements (app.service.db.queries). A connection whose statement failed for its connection's sake
-    (broken by a database restart, or left by asyncpg in the middle of an operation) is never handed out again.
+
+@asynccontextmanager
+async def driver_connection(engine: Engine) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the engine's pool, in its turn, as asyncpg's own, outside any transaction: each statement
+    commits alone. For the named statements (app.service.db.queries).
+
+    Checked out without a SQLAlchemy Connection around it, which costs more CPU than the statement itself
+    (`python -m bench.statements`); handed back at once, as nothing of SQLAlchemy's began on it. A connection whose
+    statement failed for its connection's sake (broken by a database restart, or left by asyncpg in the middle of
+    an operation) is never handed out again.
     """
-    async with checkout(engine) as connection:
-        pooled = await connection.get_raw_connection()
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    async with _turn(engine):
+        try:
+            pooled = await engine.raw_connection()
+        except dbapi_error as error:
+            # As engine.connect() does, so that the outage handling knows it.
+            raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error) from error
         try:
             yield pooled.driver_connection
         except BaseException as error:
             if is_database_unavailable(error):
-                await connection.invalidate(error)
+                pooled.invalidate(error)
             raise
+        finally:
+            pooled.close()
 
 
 @asynccontextmanager

@@ -16,7 +16,7 @@
 -- secure boot (it holds the boot variables then); the libvirt secret encrypts the TPM's state, so it goes with the
 -- TPM whatever the VM boots with. Backups follow the same rule. With :every_file, every file of the VM.
 vm_files AS (
-    SELECT host_files.uuid, host_files.host_uuid, host_files.path, host_files.type
+    SELECT host_files.*
     FROM host_files JOIN vms ON vms.uuid = host_files.vm_uuid
     WHERE host_files.vm_uuid = :vm_uuid
       AND (CAST(:every_file AS boolean) OR host_files.type IN ('TpmState', 'Secret') OR NOT vms.secure_boot)
@@ -54,8 +54,7 @@ SELECT (SELECT uuid FROM vms WHERE uuid = :vm_uuid) AS vm,
 -- What a removal of the VM's TPM would delete (without :every_file), as `GET /vms/{uuid}/tpm` previews it.
 WITH
 -- include vm_files --
-SELECT host_files.* FROM vm_files JOIN host_files ON host_files.uuid = vm_files.uuid
-ORDER BY host_files.host_uuid, host_files.path
+SELECT * FROM vm_files ORDER BY host_uuid, path
 
 -- plan --
 -- Fence, then once per job (a resumed job keeps its own plan) copy its files (every one with :every_file, else
