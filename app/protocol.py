@@ -16,13 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 DELETE_PATH = "/host-files/delete"
 HEALTH_PATH = "/healthz"
 
-# A `Secret` is a libvirt secret, named by the file libvirt keeps its definition in (`<secret-uuid>.xml`).
-FileType = Literal["TpmState", "NvRam", "Secret"]
+# A path type names a file or directory under the agent's roots; a `Secret`, the libvirt secret whose definition file
+# it names. Which go with a TPM is the rule `vm_files` (app/service/removal/queries.sql).
+PathFileType = Literal["TpmState", "NvRam"]
+SecretFileType = Literal["Secret"]
+FileType = Literal[PathFileType, SecretFileType]
 FILE_TYPES: tuple[str, ...] = get_args(FileType)
 
-# libvirt names a secret's definition file after the secret's UUID, which it writes in lowercase.
-# A `Secret` is named by libvirt's definition file of it: `<lowercase secret uuid>.xml`.
-SECRET_FILE_NAME_PATTERN = r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.xml"
+# A `Secret` is named by libvirt's definition file of it, `<secret uuid>.xml`, which libvirt writes in lowercase.
+# (A file-name pattern, which S105 takes for a password by its name.)
+SECRET_FILE_NAME_PATTERN = r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.xml"  # noqa: S105
 _SECRET_FILE_NAME = re.compile(SECRET_FILE_NAME_PATTERN)
 
 # A recorded path is bounded to PATH_MAX: a longer one cannot name a file on a host.

@@ -2,7 +2,7 @@
 
 Runs `app.service.removal.run.Removal` in this process, without HTTP, on an engine whose statements are counted by
 `app.service.db.engine.recorded_statements` (a `before_cursor_execute` listener for SQLAlchemy statements, asyncpg query
-logger for the DriverStatements that run past it) and transactions by a `begin` listener, against agents of the
+logger for the named statements that run past it) and transactions by a `begin` listener, against agents of the
 fleet.
 """
 
@@ -20,6 +20,7 @@ from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import claim_jobs
 from app.service.removal.request import request_removal
 from app.service.removal.run import TPM_REMOVAL, Removal
+from app.service.settings import Settings
 from bench.seed import FileSpec, Seeder
 
 _LEASE_SECONDS = 30.0
@@ -66,7 +67,7 @@ async def measure_job_costs(database_url: str, seeder: Seeder, layouts: Sequence
 
     async with aiohttp.ClientSession() as http:
         agent = AgentClient(http, timeout_seconds=10, concurrency=64)
-        removal = Removal(engine, agent, scope=TPM_REMOVAL, orphan_retry_seconds=30, orphan_retry_max_seconds=300)
+        removal = Removal(engine, agent, scope=TPM_REMOVAL, backoff=Settings().orphan_backoff())
         try:
             for layout in layouts:
                 (vm_uuid,) = await seeder.vms([layout])

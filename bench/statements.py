@@ -1,4 +1,4 @@
-"""`python -m bench.statements`: CPU per statement, via SQLAlchemy and as an `app.service.db.engine.DriverStatement`.
+"""`python -m bench.statements`: CPU per statement, via SQLAlchemy and as a named statement (app.service.db.queries).
 
 The measured reason why a removal's fixed statements run on asyncpg past SQLAlchemy (docs/design.md, "How a removal
 works"): the same statement, on connections of the same pool, 16 at a time, each on a connection checked out for it
@@ -8,17 +8,21 @@ rounds.
 
 import argparse
 import asyncio
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from sqlalchemy import text
 
-from app.service.db.engine import DriverStatement, create_engine, driver_connection
+from app.service.db.engine import create_engine, driver_connection
+from app.service.db.queries import NamedStatements
 from bench import loop
 from bench.database import fresh_database, postgres_server
 
-_STATEMENT = text("SELECT id, state FROM jobs WHERE id = :job_id AND vm_uuid = :vm_uuid")
+_SQL = "SELECT id, state FROM jobs WHERE id = :job_id AND vm_uuid = :vm_uuid"
+_STATEMENT = text(_SQL)
 _IN_FLIGHT = 16
 
 
@@ -40,21 +44,24 @@ async def measure(statements: int, rounds: int) -> None:
     """Both ways, `rounds` times each, on a fresh database."""
     async with postgres_server() as (server_url, _), fresh_database(server_url) as database_url:
         engine = create_engine(database_url)
-        driver_statement = DriverStatement.of(_STATEMENT)
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "queries.sql").write_text(f"-- read_job --\n{_SQL}\n")
+            named = NamedStatements(str(Path(folder) / "bench.py"))
         params = {"job_id": uuid.uuid4(), "vm_uuid": uuid.uuid4()}
 
         async def through_sqlalchemy() -> object:
-            # As the service ran these statements before DriverStatement: alone, without BEGIN and COMMIT.
+            # As the service ran these statements before named statements ran on the driver: alone, without BEGIN
+            # and COMMIT.
             async with engine.connect() as connection:
                 await connection.execution_options(isolation_level="AUTOCOMMIT")
                 return (await connection.execute(_STATEMENT, params)).all()
 
-        async def as_driver_statement() -> object:
+        async def as_named_statement() -> object:
             async with driver_connection(engine) as connection:
-                return await driver_statement.fetch(connection, params)
+                return await named.run(connection, "read_job", params)
 
         try:
-            ways = {"SQLAlchemy execute": through_sqlalchemy, "DriverStatement": as_driver_statement}
+            ways = {"SQLAlchemy execute": through_sqlalchemy, "named statement": as_named_statement}
             for _ in range(rounds):
                 for name, run_one in ways.items():
                     seconds = await cpu_per_statement(run_one, statements)

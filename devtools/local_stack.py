@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -290,10 +291,8 @@ def _process_tree(pid: int) -> list[int]:
     tree = [pid]
     for parent in tree:
         for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
+            with suppress(OSError):  # the task ended while we looked
                 tree += [int(child) for child in (task / "children").read_text().split()]
-            except OSError:
-                pass  # the task ended while we looked
     return tree
 
 

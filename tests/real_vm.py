@@ -11,6 +11,7 @@ as libvirt-qemu) and the secret in `/etc/libvirt/secrets`.
 import glob
 import shutil
 import uuid
+from contextlib import suppress
 from pathlib import Path
 
 from tests.real_libvirt import LibvirtDaemon, VirshError, missing_requirement, secret_path
@@ -104,10 +105,8 @@ class RealVm:
     async def remove(self) -> None:
         """Stop and undefine the VM, and remove whatever of it is left on the host, whatever the test did."""
         for command in (["destroy", self.name], ["undefine", self.name, "--nvram", "--tpm"]):
-            try:
+            with suppress(VirshError):  # already stopped, or already gone
                 await self.libvirtd.virsh(*command)
-            except VirshError:
-                pass  # already stopped, or already gone
         # What undefine could not remove (a domain it could not stop keeps its TPM state); the secret is the
         # libvirtd fixture's to undefine.
         shutil.rmtree(self.state_dir, ignore_errors=True)

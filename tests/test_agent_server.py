@@ -197,11 +197,11 @@ async def test_unlink_error_answers_failure_after_deleting_the_rest(session: aio
     ],
 )
 async def test_malformed_request_gets_400(session: aiohttp.ClientSession, root: Path, body: bytes) -> None:
-    async with running_agent(root) as url:
-        async with session.post(
-            f"{url}{DELETE_PATH}", data=body, headers={"Content-Type": "application/json"}
-        ) as response:
-            status, answer = response.status, await response.json()
+    async with (
+        running_agent(root) as url,
+        session.post(f"{url}{DELETE_PATH}", data=body, headers={"Content-Type": "application/json"}) as response,
+    ):
+        status, answer = response.status, await response.json()
     assert status == 400
     assert answer["success"] is False
     assert isinstance(answer["error"], str) and answer["error"]
@@ -220,10 +220,9 @@ async def test_token_is_required_when_set(session: aiohttp.ClientSession, root: 
 
 
 async def test_healthz_answers_ok_without_token(session: aiohttp.ClientSession, root: Path) -> None:
-    async with running_agent(root, token="s3cret") as url:
-        async with session.get(f"{url}/healthz") as response:
-            assert response.status == 200
-            assert await response.json() == {"status": "ok"}
+    async with running_agent(root, token="s3cret") as url, session.get(f"{url}/healthz") as response:
+        assert response.status == 200
+        assert await response.json() == {"status": "ok"}
 
 
 async def test_delay_holds_the_answer_back(session: aiohttp.ClientSession, root: Path) -> None:

@@ -152,7 +152,7 @@ class TestDatabaseOutage:
 async def test_a_delete_whose_connection_the_server_ends_mid_statement_is_503_then_works(
     client: httpx.AsyncClient, database_url: str
 ) -> None:
-    # The DELETE statement runs on asyncpg past SQLAlchemy (a DriverStatement): its errors are asyncpg own.
+    # The DELETE statement runs on asyncpg past SQLAlchemy (a named statement): its errors are asyncpg own.
     vm_uuid = await put_vm(client)
     holder = await asyncpg.connect(asyncpg_dsn(database_url))
     try:

@@ -5,10 +5,10 @@ from typing import Any
 
 from sqlalchemy import text
 
+from app.service.backoff import Backoff
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim
 from app.service.jobs.worker import Worker
-from app.service.orphans.reaper import OrphanReaper
 from tests.inventory_helpers import put_vm
 from tests.reliability.process_helpers import wait_until
 
@@ -26,34 +26,24 @@ async def test_each_job_goes_to_the_handler_of_its_type_and_an_unknown_type_fail
             )
     handled: list[JobClaim] = []
 
-    async def probe(claim: JobClaim, lease: LeaseClock) -> int:
+    async def probe(claim: JobClaim, lease: LeaseClock) -> None:
         handled.append(claim)
         async with state.sessions() as session, session.begin():
             await session.execute(
                 text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id = :id AND lease_token = :t"),
                 {"id": claim.job_id, "t": claim.token},
             )
-        return 0
 
-    reaper = OrphanReaper(
-        state.sessions,
-        state.agent,
-        retry_seconds=1,
-        retry_max_seconds=1,
-        call_timeout_seconds=1,
-        tracer=state.tracing.tracer,
-    )
     worker = Worker(
         state.engine,
-        {"probe": probe},
-        reaper,
         state.notifications,
         lease_seconds=30,
-        retention_seconds=604800,
         poll_seconds=0.1,
         max_jobs=4,
         max_failures=5,
+        backoff=Backoff(1, 60),
     )
+    worker.handle("probe", probe)
 
     async def job(job_id: uuid.UUID) -> Any:
         async with state.sessions() as session:

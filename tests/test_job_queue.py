@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.service.backoff import Backoff
 from app.service.db.engine import driver_connection, recorded_statements
 from app.service.errors import LeaseLostError
 from app.service.jobs.lease import LeaseClock
@@ -32,7 +33,7 @@ JOB_TYPES = {"remove-tpm": ("/vms/{vm}/tpm", TPM_REMOVAL), "delete-vm": ("/vms/{
 
 def removal_of(client: httpx.AsyncClient, scope: RemovalScope = TPM_REMOVAL) -> Removal:
     state = client.app.state  # type: ignore[attr-defined]
-    return Removal(state.engine, state.agent, scope=scope, orphan_retry_seconds=60, orphan_retry_max_seconds=60)
+    return Removal(state.engine, state.agent, scope=scope, backoff=Backoff(60, 60))
 
 
 async def claim(client: httpx.AsyncClient, job_id: str) -> JobClaim:

@@ -1,5 +1,6 @@
 """The host agent runs on every KVM host as root: it must load nothing of the service."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -33,3 +34,22 @@ def test_the_agent_command_loads_nothing_of_the_service(command: list[str]) -> N
     *help_text, loaded = result.stdout.strip().splitlines()
     assert any("--root" in line for line in help_text), result.stdout
     assert json.loads(loaded) == []
+
+
+def imported_modules(folder: Path) -> set[str]:
+    """Every module that the Python files of `folder` import."""
+    modules: set[str] = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules.add(node.module)
+            elif isinstance(node, ast.Import):
+                modules.update(alias.name for alias in node.names)
+    return modules
+
+
+def test_the_job_queue_and_worker_import_no_domain() -> None:
+    # Handlers and periodic tasks are registered in app/service/main.py: jobs/ knows nothing of what they do.
+    domains = ("app.service.removal", "app.service.orphans", "app.service.inventory", "app.service.api")
+    imported = imported_modules(ROOT / "app" / "service" / "jobs")
+    assert not [module for module in imported if module.startswith(domains)], imported

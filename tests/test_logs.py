@@ -12,6 +12,7 @@ import httpx
 from fastapi import FastAPI
 
 from app.service.logs import JsonFormatter, KeyValueFormatter
+from devtools.local_stack import wait_until
 from tests.agent_helpers import running_agent
 from tests.conftest import AppFactory
 from tests.inventory_helpers import add_file, make_files, put_host, put_vm, remove_tpm
@@ -76,6 +77,10 @@ async def test_no_token_is_ever_logged_and_job_lines_name_job_vm_and_host(
             await add_file(client, vm, hosts[url], state)
         job = await remove_tpm(client, vm)
     assert job["state"] == "succeeded" and job["orphan_files"] == 1
+    # The job reads succeeded as its cleanup commits; the worker logs so once its handler has returned.
+    await wait_until(
+        lambda: "job succeeded" in captured_logs.getvalue(), timeout=10, what="the worker logged the job's end"
+    )
     unauthorized = await client.get("/orphan-files", headers={"Authorization": "Bearer not-the-token"})
     assert unauthorized.status_code == 401
 

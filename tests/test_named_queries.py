@@ -31,3 +31,23 @@ def test_an_include_line_stands_for_the_section_it_names(tmp_path: Path) -> None
 def test_an_include_of_no_section_above_fails_at_load(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="names no section above it"):
         queries_of(tmp_path, "-- first --\nWITH a AS (SELECT 1),\n-- include later --\nSELECT 1\n\n-- later --\nb\n")
+
+
+def test_an_include_from_a_sibling_folder_stands_for_that_folders_section(tmp_path: Path) -> None:
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "queries.sql").write_text("-- common --\n-- not a statement\nb AS (SELECT 2)\n")
+    (tmp_path / "domain").mkdir()
+    (tmp_path / "domain" / "queries.sql").write_text(
+        "-- first --\nWITH a AS (SELECT 1),\n-- include common from shared --\nSELECT * FROM a, b\n"
+    )
+    queries = load_queries(str(tmp_path / "domain" / "module.py"))
+    assert queries["first"] == "WITH a AS (SELECT 1),\nb AS (SELECT 2)\nSELECT * FROM a, b"
+
+
+def test_an_include_of_no_section_of_the_sibling_folder_fails_at_load(tmp_path: Path) -> None:
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "queries.sql").write_text("-- common --\nb AS (SELECT 2)\n")
+    (tmp_path / "domain").mkdir()
+    (tmp_path / "domain" / "queries.sql").write_text("-- first --\n-- include other from shared --\nSELECT 1\n")
+    with pytest.raises(ValueError, match="names no section above it"):
+        load_queries(str(tmp_path / "domain" / "module.py"))

@@ -14,8 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.service.audit import AuditReport, audit
 from app.service.db.engine import driver_connection
 from app.service.jobs.queue import prune_jobs
-from app.service.jobs.retention import PRUNE_BATCH_JOBS, rest_after_batch
-from app.service.jobs.worker import Worker
+from app.service.jobs.retention import PRUNE_BATCH_JOBS, Pruner, rest_after_batch
 from app.service.metrics import refresh_gauges
 from app.service.settings import Settings
 from tests.agent_helpers import running_agent
@@ -33,10 +32,10 @@ def sessions_of(client: httpx.AsyncClient) -> async_sessionmaker[AsyncSession]:
     return factory
 
 
-def worker_of(client: httpx.AsyncClient) -> Worker:
-    """The worker of the app behind `client` (started or not)."""
-    worker: Worker = client.app.state.worker  # type: ignore[attr-defined]
-    return worker
+def pruner_of(client: httpx.AsyncClient) -> Pruner:
+    """The pruner of the app behind `client` (its worker started or not)."""
+    pruner: Pruner = client.app.state.pruner  # type: ignore[attr-defined]
+    return pruner
 
 
 async def scalar(client: httpx.AsyncClient, sql: str, **params: Any) -> Any:
@@ -158,7 +157,7 @@ async def test_a_job_within_retention_is_kept(make_client: AppFactory) -> None:
     job_id = await insert_finished_job(client, vm)
     await finished_long_ago(client, job_id, seconds=RETENTION_SECONDS / 2)
 
-    await worker_of(client).prune_once()
+    await pruner_of(client).prune_once()
 
     assert (await client.get(f"/jobs/{job_id}")).status_code == 200
 
@@ -200,10 +199,10 @@ async def test_pruning_skips_a_job_another_transaction_holds(make_client: AppFac
     async with sessions_of(client)() as session, session.begin():
         await session.execute(text("SELECT 1 FROM jobs WHERE id = :id FOR UPDATE"), {"id": uuid.UUID(job_id)})
         # Returns at once (SKIP LOCKED) rather than waiting for this transaction, and leaves the job.
-        await worker_of(client).prune_once()
+        await pruner_of(client).prune_once()
         assert await session.scalar(text("SELECT count(*) FROM jobs WHERE id = :id"), {"id": uuid.UUID(job_id)}) == 1
 
-    await worker_of(client).prune_once()
+    await pruner_of(client).prune_once()
     assert (await client.get(f"/jobs/{job_id}")).status_code == 404
 
 

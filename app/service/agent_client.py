@@ -297,9 +297,8 @@ class AgentClient:
         inject_trace_context(headers)
         limit = max(_MIN_ANSWER_LIMIT, _ANSWER_LIMIT_FACTOR * len(body))
         try:
-            # The call's one timer is asyncio.timeout in the caller; the session adds none of its own (see
-            # agent_session). Redirects are not followed: an agent has no reason to send one, and following it
-            # would carry the bearer token to another address.
+            # The caller's asyncio.timeout is the call's one timer. No redirect is followed: it would carry the
+            # bearer token to another address.
             async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
                 if response.status != 200:
                     raise _CallFailed("failed", await _http_error_reason(response, limit))

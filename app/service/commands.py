@@ -46,9 +46,8 @@ def serve(
         raise typer.Exit(1) from None
     upgrade(database_url)
     tune_garbage_collector()
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler that was
-    # there before it; with the default one the process would die by the signal (exit -15) after a
-    # clean stop, which supervisors count as a crash. Stopping on request is a success: exit 0.
+    # uvicorn raises SIGTERM again after its graceful stop; by the default handler that would be exit -15, which
+    # supervisors count as a crash. Stopping on request is a success: exit 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=30)
     _Server(config, app).run()
@@ -73,8 +72,7 @@ class _Server(uvicorn.Server):
 def tune_garbage_collector() -> None:
     """Collect young objects far less often, and never scan what start-up loaded.
 
-    With the default thresholds the serve process spent 0.6 ms of CPU per removal (13% of it) in the
-    collector in the benchmark; with these, 0.03 ms, and its memory stays flat (docs/BENCHMARK.md).
+    The default thresholds spend a noticeable share of each removal's CPU in the collector (docs/BENCHMARK.md).
     """
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

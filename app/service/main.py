@@ -26,8 +26,10 @@ from app.service.db.engine import (
 )
 from app.service.db.notify import Notifications
 from app.service.inventory.service import list_agent_urls
+from app.service.jobs.retention import Pruner
+from app.service.jobs.types import JobType
 from app.service.jobs.worker import Worker
-from app.service.metrics import HttpMetrics
+from app.service.metrics import GaugeRefresher, HttpMetrics
 from app.service.orphans.reaper import OrphanReaper
 from app.service.removal.run import TPM_REMOVAL, VM_DELETION, Removal
 from app.service.request_id import add_request_ids
@@ -47,9 +49,8 @@ log = logging.getLogger(__name__)
 # Unless SHUTDOWN_GRACE_SECONDS says otherwise, a stopping process lets its running jobs go on this much
 # longer than an agent call may take before it hands them back.
 SHUTDOWN_GRACE_MARGIN_SECONDS = 2.0
-# A transaction left idle longer than a job lease belongs to a stalled process, whose lease has run out too: the
-# server ends it, so that the job row it locked can be taken over. Never sooner than this, so that a busy process
-# between two statements is not taken for a stalled one.
+# The server ends a transaction left idle longer than a job lease (its process stalled), freeing the rows it locked;
+# never sooner than this, so that a busy process between two statements is not taken for a stalled one.
 STALLED_TRANSACTION_MIN_SECONDS = 10.0
 
 
@@ -70,14 +71,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         idle_transaction_timeout=max(settings.job_lease_seconds, STALLED_TRANSACTION_MIN_SECONDS),
     )
     engine = new_engine()
-    # The worker's commits do not wait for the disk. Every commit that sends NOTIFY (a job's claim, plan and
-    # cleanup all do) holds PostgreSQL's one notification lock until it is durable, so with synchronous commits
-    # the jobs of every replica queued behind each other's disk flushes (docs/BENCHMARK.md). What a database
-    # crash can cost is the last moment of worker commits, and every one of them is redone then: a claim or
-    # plan lost is made again, outcomes and cleanup lost leave the job running, to be resumed (agents answer
-    # `missing` for files already gone), an orphan confirmation lost is retried. The API's commits stay
-    # synchronous: what a caller is told (202 with a job, 201 with a record) is on disk, and each such commit
-    # makes every earlier worker commit durable too.
+    # The worker's commits do not wait for the disk: every one is redone when a database crash loses it, and a
+    # commit that NOTIFYs would hold the notification lock until durable (docs/design.md). The API's stay durable.
     worker_engine = new_engine(synchronous_commit=False)
     sessions = create_session_factory(engine)
     tracing: Tracing = app.state.tracing
@@ -91,34 +86,36 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     notifications = Notifications(asyncpg_dsn(database_url))
     listener = asyncio.create_task(notifications.run(), name="listen")
-    removal = partial(
-        Removal,
-        worker_engine,
-        agent,
-        orphan_retry_seconds=settings.orphan_retry_seconds,
-        orphan_retry_max_seconds=settings.orphan_retry_max_seconds,
-    )
     worker = Worker(
         worker_engine,
-        {
-            "remove-tpm": traced_job(tracing.tracer, removal(scope=TPM_REMOVAL).run),
-            "delete-vm": traced_job(tracing.tracer, removal(scope=VM_DELETION).run),
-        },
-        OrphanReaper(
-            create_session_factory(worker_engine),
-            agent,
-            retry_seconds=settings.orphan_retry_seconds,
-            retry_max_seconds=settings.orphan_retry_max_seconds,
-            call_timeout_seconds=settings.agent_timeout_seconds,
-            tracer=tracing.tracer,
-        ),
         notifications,
         lease_seconds=settings.job_lease_seconds,
-        retention_seconds=settings.job_retention_seconds,
         poll_seconds=settings.worker_poll_seconds,
         max_jobs=settings.worker_max_jobs,
         max_failures=settings.job_max_failures,
+        backoff=settings.job_backoff(),
     )
+    orphan_backoff = settings.orphan_backoff()
+    removal = partial(Removal, worker_engine, agent, backoff=orphan_backoff)
+    worker.handle(JobType.REMOVE_TPM, traced_job(tracing.tracer, removal(scope=TPM_REMOVAL).run))
+    worker.handle(JobType.DELETE_VM, traced_job(tracing.tracer, removal(scope=VM_DELETION).run))
+    reaper = OrphanReaper(
+        worker_engine,
+        agent,
+        backoff=orphan_backoff,
+        call_timeout_seconds=settings.agent_timeout_seconds,
+        poll_seconds=settings.worker_poll_seconds,
+        tracer=tracing.tracer,
+    )
+    worker.repeat("retry orphans", reaper.run_once)
+    pruner = Pruner(
+        worker_engine,
+        retention_seconds=settings.job_retention_seconds,
+        poll_seconds=settings.worker_poll_seconds,
+        jobs_ended=lambda: worker.jobs_ended,
+    )
+    worker.repeat("prune jobs", pruner.run_once)
+    worker.repeat("refresh gauges", GaugeRefresher(create_session_factory(worker_engine)).run_once)
     app.state.engine = engine
     app.state.worker_engine = worker_engine
     app.state.sessions = sessions
@@ -126,6 +123,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.notifications = notifications
     app.state.worker = worker
     trace_statements(tracing)
+    app.state.reaper = reaper
+    app.state.pruner = pruner
     if app.state.run_worker:
         worker.start()
     try:

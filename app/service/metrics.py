@@ -4,7 +4,7 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.service.db.models import (
@@ -42,30 +42,43 @@ async def refresh_gauges(session: AsyncSession, *, finished_jobs: bool = True) -
     cheap queries.
 
     Finished jobs are counted only when `finished_jobs`: they are nearly all of the table (JOB_RETENTION_SECONDS of
-    them), which only a scan counts (30 ms at 100,000 jobs in the benchmark), while the active ones are few and
+    them), which only a scan counts, while the active ones are few and
     counted through the claim index, which holds only them.
     """
     counted_states = JOB_STATES if finished_jobs else ACTIVE_JOB_STATES
-    counts: dict[str, int] = {
-        state: count
-        for state, count in await session.execute(
-            select(Job.state, func.count()).where(Job.state.in_(counted_states)).group_by(Job.state)
-        )
-    }
+    by_state = select(Job.state, func.count()).where(Job.state.in_(counted_states)).group_by(Job.state)
+    counts: dict[str, int] = dict((await session.execute(by_state)).tuples().all())
     for state in counted_states:
         JOBS_BY_STATE.labels(state=state).set(counts.get(state, 0))
     ORPHAN_FILES.set(await session.scalar(select(func.count()).select_from(OrphanFile)) or 0)
     ABANDONED_FILES.set(await session.scalar(select(func.count()).select_from(AbandonedFile)) or 0)
     # A host without a health row has never failed a call: it is ok.
     health = func.coalesce(HostHealth.state, "ok")
-    hosts: dict[str, int] = {
-        state: count
-        for state, count in await session.execute(
-            select(health, func.count()).select_from(Host).outerjoin(HostHealth).group_by(health)
-        )
-    }
+    by_health = select(health, func.count()).select_from(Host).outerjoin(HostHealth).group_by(health)
+    hosts: dict[str, int] = dict((await session.execute(by_health)).tuples().all())
     for state in HEALTH_STATES:
         HOSTS_BY_HEALTH.labels(state=state).set(hosts.get(state, 0))
+
+
+GAUGE_REFRESH_SECONDS = 5.0
+# Finished jobs are counted every twelfth refresh (a minute): counting them is a scan of the retained jobs.
+FINISHED_JOBS_EVERY_REFRESHES = 12
+
+
+class GaugeRefresher:
+    """Refreshes the database-backed gauges every GAUGE_REFRESH_SECONDS (a periodic task of the worker)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+        self._refreshes = 0
+
+    async def run_once(self) -> float:
+        """Refresh the gauges; the seconds to rest before the next refresh."""
+        finished_jobs = self._refreshes % FINISHED_JOBS_EVERY_REFRESHES == 0
+        self._refreshes += 1
+        async with self._sessions() as session:
+            await refresh_gauges(session, finished_jobs=finished_jobs)
+        return GAUGE_REFRESH_SECONDS
 
 
 HTTP_REQUESTS_TOTAL = Counter(

@@ -6,7 +6,8 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PrivateAttr, StrictBool
 
-from app.protocol import FILE_TYPES, MAX_PATH_BYTES, SECRET_FILE_NAME_PATTERN, FileType
+from app.protocol import FILE_TYPES, MAX_PATH_BYTES, SECRET_FILE_NAME_PATTERN, FileType, PathFileType, SecretFileType
+from app.service.jobs.types import JobType
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
 HostState = Literal["pending", "deleted", "failed"]
@@ -27,9 +28,8 @@ def _check_no_nul(value: str) -> str:
     return value
 
 
-# The rules of agent URLs and host paths are regular expressions, so that the OpenAPI schema states exactly what
-# is enforced (pydantic checks `pattern` itself). They are written in the subset that ECMA-262 (JSON Schema),
-# Rust's regex (pydantic) and Python's re share: no lookaround.
+# Regular expressions, so that the OpenAPI schema states exactly what is enforced; in the subset that JSON Schema,
+# pydantic's Rust regex and Python's re share (no lookaround).
 _HOST_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 # An IPv6 address as RFC 3986 spells it (IPv6address), so that every URL the pattern lets in parses as one
 # (Python's urlsplit, and the clients of this API, refuse a bracketed host that is no address).
@@ -168,7 +168,7 @@ class PathFileIn(_Body):
 
     host_uuid: UUID
     path: HostPath
-    type: Literal["TpmState", "NvRam"] = Field(description="TpmState or NvRam: a file or a directory")
+    type: PathFileType = Field(description="a file or a directory")
     backup: StrictBool = Field(default=False, description="a backup copy of a state file")
 
 
@@ -180,7 +180,7 @@ class SecretFileIn(_Body):
 
     host_uuid: UUID
     path: SecretPath
-    type: Literal["Secret"]
+    type: SecretFileType
     backup: Literal[False] = Field(default=False, description="a Secret is never a backup")
 
 
@@ -228,7 +228,7 @@ class JobOut(BaseModel):
     """A job that removes a VM's TPM (`remove-tpm`) or deletes the VM (`delete-vm`)."""
 
     id: UUID
-    type: Literal["remove-tpm", "delete-vm"]
+    type: JobType
     vm_uuid: UUID
     tpm_uuid: UUID | None = Field(description="The TPM the job removes; null for a delete-vm job of a VM without one")
     state: JobState

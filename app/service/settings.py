@@ -7,6 +7,8 @@ from typing import Self
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.service.backoff import ORPHAN_JITTER, Backoff
+
 
 class Settings(BaseSettings):
     """The service's configuration; each field is the environment variable of the same name, upper-cased."""
@@ -22,9 +24,8 @@ class Settings(BaseSettings):
     # A second bearer token that may make GET (and HEAD) calls only: for dashboards and the CLI's read commands.
     api_read_token: SecretStr | None = None
     agent_token: SecretStr | None = None
-    # PEM files of the TLS to `https://` agents, loaded once at start (app/service/agent_client.py):
-    # the CAs that agents' certificates are verified against (unset: the system's), and the client
-    # certificate and key the service presents to them (mutual TLS; unset: none).
+    # PEM files of the TLS to `https://` agents, loaded at start: the CAs their certificates are verified against
+    # (unset: the system's), and the client certificate and key of mutual TLS (unset: none).
     agent_ca_file: Path | None = None
     agent_cert_file: Path | None = None
     agent_key_file: Path | None = None
@@ -32,17 +33,20 @@ class Settings(BaseSettings):
     agent_concurrency: int = Field(default=64, ge=1)
     # Most of those calls in flight to any one host, so that a host that hangs delays no job that does not touch it.
     agent_host_concurrency: int = Field(default=8, ge=1)
+    # Back-off (app/service/backoff.py) of orphan retries and of a failing host's probes: from the first, doubling,
+    # up to the cap; and of a job's failed step, which is retried up to job_max_failures times.
     orphan_retry_seconds: float = Field(default=30.0, gt=0)
-    # Backoff of orphan retries, and of a failing host's probes, doubles from orphan_retry_seconds up to this cap.
     orphan_retry_max_seconds: float = Field(default=300.0, gt=0)
+    job_retry_seconds: float = Field(default=1.0, gt=0)
+    job_retry_max_seconds: float = Field(default=60.0, gt=0)
     job_lease_seconds: float = Field(default=30.0, gt=0)
     # How long a finished job stays readable after its finished_at; then the worker prunes it.
     job_retention_seconds: float = Field(default=604800.0, ge=0)
     # How long a stopping process lets its running jobs go on before it hands them back to the queue;
     # unset: AGENT_TIMEOUT_SECONDS + 2 s, so that agent calls in flight can end by themselves.
     shutdown_grace_seconds: float | None = Field(default=None, ge=0)
-    # A cleanup transaction that fails for a reason other than a database outage is retried this often
-    # before the job is marked failed.
+    # A job step that fails for a reason other than a database outage is retried this often before the job is
+    # marked failed.
     job_max_failures: int = Field(default=5, ge=1)
     # How often idle workers look for expired leases and due orphans when no notification woke them.
     worker_poll_seconds: float = Field(default=1.0, gt=0)
@@ -52,6 +56,14 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=20, ge=1)
     data_dir: Path = Path(".data")
     log_level: str = "INFO"
+
+    def orphan_backoff(self) -> Backoff:
+        """The back-off of orphan retries and of a failing host's probes."""
+        return Backoff(self.orphan_retry_seconds, self.orphan_retry_max_seconds, jitter=ORPHAN_JITTER)
+
+    def job_backoff(self) -> Backoff:
+        """The back-off of a job's failed step."""
+        return Backoff(self.job_retry_seconds, self.job_retry_max_seconds)
 
     @model_validator(mode="after")
     def _read_token_differs(self) -> Self:

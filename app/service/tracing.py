@@ -13,7 +13,7 @@ continues or starts each request's trace, and the ids travel as they would.
 """
 
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim
+from app.service.jobs.worker import JobHandler
 
 DEFAULT_SERVICE_NAME = "vtpm-cleanup"
 # OTLP over HTTP is the one OTLP exporter installed (the gRPC one would bring grpcio): "otlp" names it.
@@ -174,23 +175,20 @@ def untrace_statements(tracing: Tracing) -> None:
         tracing.provider.force_flush()
 
 
-def traced_job(
-    tracer: Tracer, handler: Callable[[JobClaim, LeaseClock], Awaitable[int]]
-) -> Callable[[JobClaim, LeaseClock], Awaitable[int]]:
+def traced_job(tracer: Tracer, handler: JobHandler) -> JobHandler:
     """`handler`, run in a span of the job that continues the trace of the request that created the job."""
 
-    async def run_in_job_span(claim: JobClaim, lease: LeaseClock) -> int:
+    async def run_in_job_span(claim: JobClaim, lease: LeaseClock) -> None:
+        attributes: dict[str, str | int] = {
+            "job.id": str(claim.job_id),
+            "job.type": claim.job_type,
+            "job.attempt": claim.attempt,
+        }
+        if claim.payload.get("vm_uuid") is not None:
+            attributes["vm.uuid"] = str(claim.payload["vm_uuid"])
         with tracer.start_as_current_span(
-            f"job {claim.job_type}",
-            context=claim.trace_parent,
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "job.id": str(claim.job_id),
-                "job.type": claim.job_type,
-                "job.attempt": claim.attempt,
-                "vm.uuid": str(claim.vm_uuid),
-            },
+            f"job {claim.job_type}", context=claim.trace_parent, kind=SpanKind.CONSUMER, attributes=attributes
         ):
-            return await handler(claim, lease)
+            await handler(claim, lease)
 
     return run_in_job_span

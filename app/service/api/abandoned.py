@@ -1,14 +1,11 @@
 """Routes of /abandoned-files: orphan files of decommissioned hosts, left for an operator to clean by hand."""
 
-from uuid import UUID
-
 from fastapi import APIRouter, Request, Response
 
-from app.service.api.deps import AfterQuery, LimitQuery, SessionDep
+from app.service.api.deps import HostFilesPageQuery, SessionDep
 from app.service.api.errors import problem_responses
 from app.service.api.links import set_next_link
 from app.service.inventory.decommission import list_abandoned
-from app.service.pagination import DEFAULT_LIMIT
 from app.service.schemas import AbandonedFileOut
 
 router = APIRouter(prefix="/abandoned-files", tags=["orphan files"])
@@ -26,14 +23,9 @@ router = APIRouter(prefix="/abandoned-files", tags=["orphan files"])
     responses=problem_responses(400, 422),
 )
 async def get_abandoned_files(
-    session: SessionDep,
-    request: Request,
-    response: Response,
-    host_uuid: UUID | None = None,
-    limit: LimitQuery = DEFAULT_LIMIT,
-    after: AfterQuery = None,
+    session: SessionDep, request: Request, response: Response, query: HostFilesPageQuery
 ) -> list[AbandonedFileOut]:
     async with session.begin():
-        page = await list_abandoned(session, host_uuid=host_uuid, limit=limit, after=after)
+        page = await list_abandoned(session, host_uuid=query.host_uuid, limit=query.limit, after=query.after)
     set_next_link(request, response, page.next_cursor)
     return [AbandonedFileOut.model_validate(a, from_attributes=True) for a in page.items]

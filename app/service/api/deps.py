@@ -2,13 +2,16 @@
 
 import hmac
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
+from uuid import UUID
 
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.service.db.engine import Engine
 from app.service.pagination import DEFAULT_LIMIT, MAX_LIMIT, TIME_UUID_CURSOR_PATTERN, UUID_CURSOR_PATTERN
 from app.service.settings import Settings
 
@@ -19,9 +22,9 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def get_engine(request: Request) -> AsyncEngine:
+async def get_engine(request: Request) -> Engine:
     """The API's engine, for a service function that checks its connections out itself."""
-    engine: AsyncEngine = request.app.state.engine
+    engine: Engine = request.app.state.engine
     return engine
 
 
@@ -32,7 +35,7 @@ async def get_settings(request: Request) -> Settings:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
-EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _bearer = HTTPBearer(
@@ -99,3 +102,15 @@ AfterQuery = Annotated[str | None, _after_query(UUID_CURSOR_PATTERN)]
 """The `after` cursor of a list in UUID order."""
 AfterTimeQuery = Annotated[str | None, _after_query(TIME_UUID_CURSOR_PATTERN)]
 """The `after` cursor of a list in time order (jobs, newest first)."""
+
+
+@dataclass
+class HostFilesPage:
+    """The query of a page of files of one host, or of every host: `?host_uuid=&limit=&after=`."""
+
+    host_uuid: UUID | None = None
+    limit: LimitQuery = DEFAULT_LIMIT
+    after: AfterQuery = None
+
+
+HostFilesPageQuery = Annotated[HostFilesPage, Depends()]

@@ -53,12 +53,14 @@ def _describe_validation(errors: list[Any]) -> str:
 
 
 async def _on_service_error(_request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, ServiceError)
+    if not isinstance(error, ServiceError):
+        raise error
     return problem(error.status, error.detail)
 
 
 async def _on_http_error(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, StarletteHTTPException)
+    if not isinstance(error, StarletteHTTPException):
+        raise error
     detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).description
     headers = dict(error.headers or {})
     allowed = _documented_methods(request) if error.status_code == 405 else None
@@ -79,7 +81,8 @@ def _documented_methods(request: Request) -> list[str] | None:
 
 
 async def _on_validation_error(_request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, RequestValidationError)
+    if not isinstance(error, RequestValidationError):
+        raise error
     return problem(422, _describe_validation(list(error.errors())))
 
 
@@ -100,10 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
-    # The errors of an unreachable database are also registered by class, so that Starlette's
-    # ExceptionMiddleware answers them; the catch-all `Exception` handler runs in ServerErrorMiddleware,
-    # which re-raises after answering: a traceback per call during an outage, and an error in ASGI clients.
-    # asyncpg's own errors come from the statements that run past SQLAlchemy (app.service.db.engine.DriverStatement).
+    # Registered by class, so that ExceptionMiddleware answers them: the catch-all handler re-raises after answering
+    # (a traceback per call during an outage). asyncpg's own come from the named statements (app.service.db.queries).
     for error_class in (
         sa_exc.DBAPIError,
         sa_exc.TimeoutError,

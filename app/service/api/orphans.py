@@ -1,14 +1,11 @@
 """Routes of /orphan-files: files whose host has not confirmed their deletion yet."""
 
-from uuid import UUID
-
 from fastapi import APIRouter, Request, Response
 
-from app.service.api.deps import AfterQuery, LimitQuery, SessionDep
+from app.service.api.deps import HostFilesPageQuery, SessionDep
 from app.service.api.errors import problem_responses
 from app.service.api.links import set_next_link
 from app.service.orphans.reaper import list_orphans
-from app.service.pagination import DEFAULT_LIMIT
 from app.service.schemas import OrphanFileOut
 
 router = APIRouter(prefix="/orphan-files", tags=["orphan files"])
@@ -26,14 +23,9 @@ router = APIRouter(prefix="/orphan-files", tags=["orphan files"])
     responses=problem_responses(400, 422),
 )
 async def get_orphan_files(
-    session: SessionDep,
-    request: Request,
-    response: Response,
-    host_uuid: UUID | None = None,
-    limit: LimitQuery = DEFAULT_LIMIT,
-    after: AfterQuery = None,
+    session: SessionDep, request: Request, response: Response, query: HostFilesPageQuery
 ) -> list[OrphanFileOut]:
     async with session.begin():
-        page = await list_orphans(session, host_uuid=host_uuid, limit=limit, after=after)
+        page = await list_orphans(session, host_uuid=query.host_uuid, limit=query.limit, after=query.after)
     set_next_link(request, response, page.next_cursor)
     return [OrphanFileOut.model_validate(o, from_attributes=True) for o in page.items]

@@ -46,7 +46,7 @@ async def get_tpm(vm_uuid: UUID, session: SessionDep) -> TpmWithFilesOut:
         uuid=tpm.uuid,
         vm_uuid=tpm.vm_uuid,
         key_provider_uuid=key_provider_uuid,
-        host_files=[HostFileOut.model_validate(f, from_attributes=True) for f in files],
+        host_files=[HostFileOut.model_validate(dict(f)) for f in files],
     )
 
 

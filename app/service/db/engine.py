@@ -1,20 +1,16 @@
 """The database engine and session factory, and how a settings object becomes a database URL."""
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy import TextClause, event, make_url, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.util.concurrency import greenlet_spawn
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from app.service.db.embedded import start_embedded_postgres
-from app.service.db.fair_pool import FairAsyncQueuePool
 from app.service.settings import Settings
 
 # How long a connection attempt may take before the database counts as unreachable (answers 503).
@@ -22,6 +18,22 @@ CONNECT_TIMEOUT_SECONDS = 3.0
 # How long one statement of the service may wait for the database's answer: a database that accepts
 # connections but does not answer (frozen, cut off by the network) makes calls fail (503) instead of hang.
 COMMAND_TIMEOUT_SECONDS = 5.0
+
+
+class Engine(AsyncEngine):
+    """The service's engine: SQLAlchemy's, with a line that its checkouts wait in, first come first served.
+
+    SQLAlchemy's asyncio pool lets a checkout that arrives just as a connection is put back take it before the
+    checkout that waited for it, which goes to the back of the line: under overload, a tail of requests waits long.
+    A FIFO semaphore of the pool's size in front of `checkout` keeps the order; the pool itself then has a connection
+    for the one whose turn it is. Sessions check their connection out lazily, past the line.
+    """
+
+    __slots__ = ("line",)
+
+    def __init__(self, engine: AsyncEngine, pool_size: int) -> None:
+        super().__init__(engine.sync_engine)
+        self.line = asyncio.Semaphore(pool_size)
 
 
 def resolve_database_url(settings: Settings) -> str:
@@ -43,7 +55,7 @@ def create_engine(
     command_timeout: float | None = None,
     idle_transaction_timeout: float = 0,
     synchronous_commit: bool = True,
-) -> AsyncEngine:
+) -> Engine:
     """An engine whose pool survives database restarts and fails fast while the database is down.
 
     `command_timeout` bounds every statement in seconds; None leaves long statements alone.
@@ -55,11 +67,8 @@ def create_engine(
     """
     engine = create_async_engine(
         database_url,
-        # Connections are handed out in the order they were asked for (see app/service/db/fair_pool.py).
-        poolclass=FairAsyncQueuePool,
         pool_size=pool_size,
-        # A fixed pool: under load, overflow connections were opened and closed again by the hundred per
-        # second, each a new server process whose statements are prepared anew (docs/BENCHMARK.md).
+        # A fixed pool: overflow connections opened and closed under load are each a new server process.
         max_overflow=0,
         pool_timeout=CONNECT_TIMEOUT_SECONDS,
         pool_recycle=1800,
@@ -73,12 +82,10 @@ def create_engine(
             },
         },
     )
-    # Not pool_pre_ping: on asyncpg it costs three round trips (BEGIN, a ping, ROLLBACK) on every checkout,
-    # a third of a removal's database work (see docs/BENCHMARK.md). A connection the server closed (restart,
-    # shutdown) is already known closed to asyncpg and is replaced here at no cost; one that breaks during a
-    # statement fails that call (503) and SQLAlchemy then replaces every older connection of the pool.
+    # Not pool_pre_ping, three round trips per checkout: a connection the server closed is known closed to asyncpg
+    # and replaced here; one that breaks during a statement fails that call (503) and is replaced then.
     event.listen(engine.sync_engine.pool, "checkout", _replace_if_closed)
-    return engine
+    return Engine(engine, pool_size)
 
 
 def _replace_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
@@ -91,63 +98,62 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-@dataclass(frozen=True)
-class DriverStatement:
-    """A fixed statement that runs on asyncpg itself, past SQLAlchemy's execution layer.
-
-    For the few statements every removal runs (queue, claim, plan, outcomes, cleanup): SQLAlchemy's execution of a
-    statement cost two to three times the CPU of asyncpg's own (`python -m bench.statements`, README). The statement is
-    written as a `text()` with named parameters like every other and compiled once into asyncpg's numbered ones.
-    Each runs alone, without a transaction around it (it is atomic by itself), on a connection of the engine's pool
-    (`driver_connection`), so pooling, timeouts and the replacement of closed connections stay the engine's.
-    """
-
-    sql: str
-    names: tuple[str, ...]
-
-    @classmethod
-    def of(cls, clause: TextClause) -> "DriverStatement":
-        """Compile `clause` for asyncpg."""
-        compiled = clause.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
-        return cls(str(compiled), tuple(compiled.positiontup or ()))
-
-    async def fetch(self, connection: asyncpg.Connection, params: Mapping[str, Any]) -> list[asyncpg.Record]:
-        """Run the statement with `params` (by name) and return its rows."""
-        rows: list[asyncpg.Record] = await connection.fetch(self.sql, *(params[name] for name in self.names))
-        return rows
+@asynccontextmanager
+async def _turn(engine: Engine) -> AsyncIterator[None]:
+    """Hold a place of the engine's line, once every checkout that asked before has had its turn; after
+    CONNECT_TIMEOUT_SECONDS of waiting, SQLAlchemy's pool timeout error (answered 503)."""
+    if engine.line.locked():
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                await engine.line.acquire()
+        except TimeoutError as error:
+            raise sa_exc.TimeoutError(f"no connection free within {CONNECT_TIMEOUT_SECONDS:g} s") from error
+    else:
+        await engine.line.acquire()  # free: no wait, so no timer to set
+    try:
+        yield
+    finally:
+        engine.line.release()
 
 
 @asynccontextmanager
-async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    """A connection of the engine's pool as asyncpg's own, outside any transaction: each statement commits alone.
+async def checkout(engine: Engine) -> AsyncIterator[AsyncConnection]:
+    """A SQLAlchemy connection of the engine's pool, in its turn."""
+    async with _turn(engine), engine.connect() as connection:
+        yield connection
 
-    Checked out of the pool without a SQLAlchemy Connection around it: a DriverStatement then costs 56 µs of CPU
-    instead of 64-66 (`python -m bench.statements`). The pool's checkout check and its order of waiters apply.
+
+@asynccontextmanager
+async def driver_connection(engine: Engine) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the engine's pool, in its turn, as asyncpg's own, outside any transaction: each statement
+    commits alone. For the named statements (app.service.db.queries).
+
+    Checked out without a SQLAlchemy Connection around it, which costs more CPU than the statement itself
+    (`python -m bench.statements`); handed back at once, as nothing of SQLAlchemy's began on it. A connection whose
+    statement failed for its connection's sake (broken by a database restart, or left by asyncpg in the middle of
+    an operation) is never handed out again.
     """
     dbapi_error = engine.dialect.loaded_dbapi.Error
-    try:
-        pooled = await engine.raw_connection()
-    except dbapi_error as error:
-        # engine.connect() wraps a failed connect in SQLAlchemy's DBAPIError, which the outage handling knows;
-        # raw_connection() does not.
-        raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error) from error
-    try:
-        yield pooled.driver_connection
-    except BaseException as error:
-        if is_database_unavailable(error):
-            # A connection whose statement failed for its connection's sake (broken by a database restart, or left
-            # by asyncpg in the middle of an operation) is never handed out again: the next checkout opens a new one.
-            await asyncio.shield(greenlet_spawn(pooled.invalidate, error))
-        raise
-    finally:
-        # As SQLAlchemy's AsyncConnection does: back to the pool even when the caller is being cancelled.
-        await asyncio.shield(greenlet_spawn(pooled.close))
+    async with _turn(engine):
+        try:
+            pooled = await engine.raw_connection()
+        except dbapi_error as error:
+            # As engine.connect() does, so that the outage handling knows it.
+            raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error) from error
+        try:
+            yield pooled.driver_connection
+        except BaseException as error:
+            if is_database_unavailable(error):
+                pooled.invalidate(error)
+            raise
+        finally:
+            pooled.close()
 
 
 @asynccontextmanager
 async def recorded_statements(engine: AsyncEngine) -> AsyncIterator[list[tuple[str, tuple[Any, ...]]]]:
     """Every statement sent on connections the engine hands out while the block runs, with its parameter values:
-    SQLAlchemy's and DriverStatements' alike. For the tests and the benchmark that count a job's statements."""
+    SQLAlchemy's and the named statements' alike. For the tests and the benchmark that count a job's statements."""
     statements: list[tuple[str, tuple[Any, ...]]] = []
     logged: set[asyncpg.Connection] = set()
 
@@ -206,11 +212,11 @@ def is_database_unavailable(error: BaseException) -> bool:
     )
 
 
-async def ping(engine: AsyncEngine, timeout: float = 1.0) -> bool:
+async def ping(engine: Engine, timeout: float = 1.0) -> bool:
     """Whether the database answers a trivial query within `timeout` seconds."""
     try:
         async with asyncio.timeout(timeout):
-            async with engine.connect() as conn:
+            async with checkout(engine) as conn:
                 await conn.execute(text("SELECT 1"))
         return True
     except Exception:

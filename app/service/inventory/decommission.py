@@ -7,16 +7,16 @@ them as ZStack's tracker does; the service never retries nor deletes an abandone
 
 from uuid import UUID
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
 from app.service.db.models import AbandonedFile, Host, HostFile, OrphanFile
-from app.service.db.queries import load_queries
+from app.service.db.queries import NamedStatements, driver_of
 from app.service.errors import ConflictError, NotFoundError
 from app.service.pagination import Page, page_by_uuid
 
-QUERIES = load_queries(__file__)
+STATEMENTS = NamedStatements(__file__)
 
 
 async def delete_host(session: AsyncSession, host_uuid: UUID, *, abandon_orphans: bool) -> int:
@@ -37,8 +37,8 @@ async def delete_host(session: AsyncSession, host_uuid: UUID, *, abandon_orphans
         )
     abandoned = 0
     if abandon_orphans:
-        moved = await session.execute(text(QUERIES["abandon_orphans"]), {"host_uuid": host_uuid})
-        abandoned = int(moved.rowcount)  # type: ignore[attr-defined]
+        moved = await STATEMENTS.run(await driver_of(session), "abandon_orphans", {"host_uuid": host_uuid})
+        abandoned = len(moved)
     else:
         orphans = await _count_on_host(session, OrphanFile.host_uuid, host_uuid)
         if orphans:

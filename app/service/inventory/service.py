@@ -21,6 +21,7 @@ from app.service.db.models import (
     Vm,
 )
 from app.service.errors import ConflictError, NotFoundError
+from app.service.jobs.types import JobType
 from app.service.pagination import Page, in_uuid_order, page_by_uuid, page_of, uuid_cursor
 from app.service.schemas import HEALTHY, HealthState, HostFileIn, HostHealthOut, HostIn, HostOut, TpmIn, VmIn
 
@@ -124,7 +125,7 @@ async def get_vm(session: AsyncSession, vm_uuid: UUID, *, lock: Literal["share",
 
 def job_under_way_detail(vm_uuid: UUID, job_id: UUID, job_type: str) -> str:
     """The detail of a 409 that a job of the VM under way causes, naming the job."""
-    if job_type == "delete-vm":
+    if job_type == JobType.DELETE_VM:
         return f"VM {vm_uuid} is being deleted (job {job_id})"
     return f"a removal of VM {vm_uuid}'s TPM is under way (job {job_id})"
 
@@ -132,10 +133,10 @@ def job_under_way_detail(vm_uuid: UUID, job_id: UUID, job_type: str) -> str:
 async def _refuse_while_deleted(session: AsyncSession, vm_uuid: UUID) -> None:
     """ConflictError while a deletion of the VM is queued or running; call it with the VM row locked."""
     deletion = await session.scalar(
-        select(Job.id).where(Job.vm_uuid == vm_uuid, Job.type == "delete-vm", Job.state.in_(ACTIVE_JOB_STATES))
+        select(Job.id).where(Job.vm_uuid == vm_uuid, Job.type == JobType.DELETE_VM, Job.state.in_(ACTIVE_JOB_STATES))
     )
     if deletion is not None:
-        raise ConflictError(job_under_way_detail(vm_uuid, deletion, "delete-vm"))
+        raise ConflictError(job_under_way_detail(vm_uuid, deletion, JobType.DELETE_VM))
 
 
 async def create_tpm(session: AsyncSession, vm_uuid: UUID, body: TpmIn) -> tuple[Tpm, UUID | None]:

@@ -6,7 +6,8 @@
 
 -- claim_jobs --
 -- Up to :limit jobs that are queued and due, or running under a lease that ran out; each claim draws a new
--- fencing token. One statement, which commits alone.
+-- fencing token, and answers the job's row as JSON (`payload`: what its handler reads its arguments from). One
+-- statement, which commits alone.
 UPDATE jobs SET
     state = 'running',
     lease_token = gen_random_uuid(),
@@ -21,7 +22,7 @@ WHERE id IN (
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id, type, vm_uuid, tpm_uuid, lease_token, attempts, trace_context
+RETURNING id, type, to_jsonb(jobs) AS payload, lease_token, attempts, failures, trace_context
 
 -- renew_leases --
 -- The leases of all the jobs a worker holds, in one statement; answers the ids still held.
@@ -36,13 +37,14 @@ UPDATE jobs SET state = 'queued', lease_token = NULL, lease_expires_at = NULL
 WHERE jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running'
 
 -- record_job_failure --
--- A failed step is retried after a backoff; after :max_failures failures the job is failed for good.
+-- A failed step is retried after :delay seconds (app/service/backoff.py); after :max_failures failures the job is
+-- failed for good.
 UPDATE jobs SET
     failures = failures + 1,
     error = :error,
     state = CASE WHEN failures + 1 >= :max_failures THEN 'failed' ELSE 'queued' END,
     finished_at = CASE WHEN failures + 1 >= :max_failures THEN now() END,
-    run_after = now() + least(60, power(2, failures)) * interval '1 second',
+    run_after = now() + :delay * interval '1 second',
     lease_token = NULL,
     lease_expires_at = NULL
 WHERE jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running'

@@ -4,7 +4,7 @@ import math
 from datetime import UTC, datetime
 from uuid import UUID
 
-from sqlalchemy import select, text
+from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.service.db.models import ACTIVE_JOB_STATES, Job, JobHost
@@ -31,11 +31,7 @@ async def list_jobs(session: AsyncSession, *, vm_uuid: UUID | None, limit: int, 
         statement = statement.where(Job.vm_uuid == vm_uuid)
     if after is not None:
         created_at, last_id = after_time_uuid(after)
-        statement = statement.where(
-            text("(jobs.created_at, jobs.id) < (CAST(:after_created AS timestamptz), :after_id)").bindparams(
-                after_created=created_at, after_id=last_id
-            )
-        )
+        statement = statement.where(tuple_(Job.created_at, Job.id) < tuple_(created_at, last_id))
     jobs = list(await session.scalars(statement))
     page = page_of(jobs, limit, lambda j: time_uuid_cursor(j.created_at, j.id))
     return Page(await _with_hosts(session, page.items), page.next_cursor)

@@ -1,16 +1,20 @@
-"""The pruner's pace: gentle through a backlog of finished jobs, never slower than this process finishes them.
+"""Retention: the pruner of finished jobs, gentle through a backlog, never slower than this process finishes jobs.
 
 A backlog (a first start with retention, a long outage's jobs coming due together) is pruned with a rest after each
-batch of GENTLE_REST_FACTOR times the batch's time, so that it takes a twentieth of one connection's time. Over
-rounds of 100,000 jobs on the benchmark machine, the p99 of `DELETE /vms/{uuid}/tpm` while pruning was 1.55-2.36
-times the p99 without it resting 3x, 1.09-4.22 times resting 9x and 1.74-1.85 times resting 19x; the tail came with
-the disk writes that pruning causes more than with the pruner's share of time, and once every session of the
-database, autovacuum's included, wrote out what it evicted as it went (migrations 0006 and 0007), it was 1.02-1.34
-times resting 19x (docs/BENCHMARK.md, sixth and seventh rounds). A gentle pace alone falls behind a service removing
-at full speed, whose load also slows each batch (it finished 300 jobs a second on the benchmark machine while a 9x
-rest pruned about 150), and its tables would grow without end; so the rest is cut as far as it takes to prune
-CATCH_UP times as many jobs as this process finished meanwhile, down to none.
+batch of GENTLE_REST_FACTOR times the batch's time, so that its disk writes do not queue the requests meanwhile
+(docs/BENCHMARK.md). A gentle pace alone falls behind a service removing at full speed, and its tables would grow
+without end; so the rest is cut as far as it takes to prune CATCH_UP times as many jobs as this process finished
+meanwhile, down to none.
 """
+
+import logging
+import time
+from collections.abc import Callable
+
+from app.service.db.engine import Engine, driver_connection
+from app.service.jobs.queue import prune_jobs
+
+log = logging.getLogger(__name__)
 
 # Jobs pruned per statement: small enough that each statement holds its row locks and writes its WAL for
 # milliseconds, so that a backlog drains in small steps.
@@ -29,3 +33,36 @@ def rest_after_batch(*, pruned: int, batch_seconds: float, finished_per_second: 
     # Keeping up means a batch of `pruned` every pruned / (CATCH_UP * rate) seconds, the batch's own time included.
     keeping_up = pruned / (CATCH_UP * finished_per_second) - batch_seconds
     return max(0.0, min(gentle, keeping_up))
+
+
+class Pruner:
+    """Deletes finished jobs past their retention, one batch per round, at the pace above (a periodic task)."""
+
+    def __init__(
+        self, engine: Engine, *, retention_seconds: float, poll_seconds: float, jobs_ended: Callable[[], int]
+    ) -> None:
+        self._engine = engine
+        self._retention_seconds = retention_seconds
+        self._poll_seconds = poll_seconds
+        self._jobs_ended = jobs_ended
+        self._ended, self._since = jobs_ended(), time.monotonic()
+
+    async def prune_once(self) -> int:
+        """Delete one batch of jobs past their retention; how many went."""
+        async with driver_connection(self._engine) as connection:
+            pruned = await prune_jobs(connection, retention_seconds=self._retention_seconds, limit=PRUNE_BATCH_JOBS)
+        if pruned:
+            log.info("finished jobs pruned", extra={"jobs": pruned})
+        return pruned
+
+    async def run_once(self) -> float:
+        """Prune one batch; the seconds to rest before the next."""
+        started = time.monotonic()
+        pruned = await self.prune_once()
+        now = time.monotonic()
+        ended = self._jobs_ended()
+        finished_per_second = (ended - self._ended) / (now - self._since)
+        self._ended, self._since = ended, now
+        if pruned < PRUNE_BATCH_JOBS:
+            return self._poll_seconds
+        return rest_after_batch(pruned=pruned, batch_seconds=now - started, finished_per_second=finished_per_second)

@@ -1,4 +1,59 @@
--- The orphan reaper's statements (app/service/orphans/reaper.py).
+-- The orphan reaper's statements (app/service/orphans/reaper.py), and the host-health CTEs that every statement
+-- recording a call's outcome shares (app/service/orphans/health.py).
+
+-- host_health_changes --
+-- Not a statement: the host-health CTEs that a statement recording calls' outcomes includes, over its `fence` CTE
+-- (a row while the write may go ahead) and its `outcome` CTE (host_uuid, error, contact: the agent client's
+-- answered, unanswered or not_called). A call left unanswered trips the host (`host_failed`), a call answered on a
+-- failing host brings it back and makes all its orphans due (`host_answered`, `host_orphans_due`: but those of a
+-- claim in flight, whose calls decide their own fate), a call not sent changes nothing. `health_changes` answers
+-- the changes, for the log; a healthy host's answer writes nothing.
+-- A failing host's next probe is one back-off step away: as long as it has been failing, at least :backoff_base,
+-- at most :backoff_cap (app/service/backoff.py). The step so doubles with each failed probe, and the calls that
+-- were in flight together when the host went failing do not stretch it (a step doubled per failed call would put
+-- the first probe of a host that failed eight calls at once at the cap).
+host_failed AS (
+    INSERT INTO host_health AS health (host_uuid, state, consecutive_failures, last_error, failing_since, next_probe_at)
+    SELECT outcome.host_uuid, 'failing', 1, outcome.error, now(),
+           now() + least(CAST(:backoff_cap AS float8), CAST(:backoff_base AS float8)) * interval '1 second'
+    FROM fence, outcome
+    WHERE outcome.contact = 'unanswered'
+    -- Row locks taken in one order by every statement: two jobs failing on the same hosts never deadlock.
+    ORDER BY outcome.host_uuid
+    ON CONFLICT (host_uuid) DO UPDATE SET
+        state = 'failing',
+        consecutive_failures = health.consecutive_failures + 1,
+        last_error = excluded.last_error,
+        failing_since = coalesce(health.failing_since, excluded.failing_since),
+        next_probe_at = now() + least(CAST(:backoff_cap AS float8), greatest(CAST(:backoff_base AS float8), CAST(
+            extract(epoch FROM now() - coalesce(health.failing_since, now())) AS float8))) * interval '1 second'
+    RETURNING host_uuid, consecutive_failures, last_error
+), host_answered AS (
+    UPDATE host_health SET state = 'ok', consecutive_failures = 0, failing_since = NULL, next_probe_at = NULL
+    FROM fence, outcome, host_health AS before
+    WHERE host_health.host_uuid = outcome.host_uuid AND outcome.contact = 'answered'
+      AND host_health.state = 'failing' AND before.host_uuid = host_health.host_uuid
+    RETURNING host_health.host_uuid, before.consecutive_failures, before.last_error
+), host_orphans_due AS (
+    UPDATE orphan_files SET next_attempt_at = now()
+    FROM host_answered
+    WHERE orphan_files.host_uuid = host_answered.host_uuid AND orphan_files.claim_token IS NULL
+), health_changes AS (
+    SELECT host_uuid, 'failing' AS state, consecutive_failures, last_error FROM host_failed
+    WHERE consecutive_failures = 1
+    UNION ALL
+    SELECT host_uuid, 'ok', consecutive_failures, last_error FROM host_answered
+)
+
+-- record_contact --
+-- What one of the reaper's calls says of its host's health; answers the changes as JSON, for the log.
+WITH fence AS (
+    SELECT
+), outcome AS (
+    SELECT CAST(:host_uuid AS uuid) AS host_uuid, CAST(:error AS text) AS error, CAST(:contact AS text) AS contact
+),
+-- include host_health_changes --
+SELECT (SELECT json_agg(health_changes) FROM health_changes) AS health_changes
 
 -- claim_due --
 -- Due orphans, claimed with a token; the claim pushes next_attempt_at past the end of the agent call, so that no
@@ -52,7 +107,7 @@ UPDATE orphan_files SET claim_token = :token, next_attempt_at = now() + :hold * 
 FROM chosen, hosts
 WHERE orphan_files.uuid = chosen.uuid AND hosts.uuid = orphan_files.host_uuid
 RETURNING orphan_files.uuid, orphan_files.host_uuid, orphan_files.vm_uuid, orphan_files.job_id, orphan_files.path,
-          orphan_files.type, orphan_files.trace_context, hosts.agent_url, chosen.probe
+          orphan_files.type, orphan_files.attempts, orphan_files.trace_context, hosts.agent_url, chosen.probe
 
 -- confirm --
 -- The host confirmed: the orphans of this claim are gone, and their deletion is confirmed in the ledger. An orphan
@@ -70,15 +125,13 @@ WITH gone AS (
 DELETE FROM file_ledger USING gone WHERE file_ledger.file_uuid = gone.uuid AND gone.job_pruned
 
 -- back_off --
--- Exponential backoff from ORPHAN_RETRY_SECONDS (:base), capped at :cap, with a jitter so that the orphans of many
--- hosts that failed together do not all come due in the same instant forever. One jitter for a whole group keeps a
--- host's orphans due together, so they keep going out in one call.
+-- The next try :delay seconds away (app/service/backoff.py). One delay for a whole group keeps a host's orphans due
+-- together, so they keep going out in one call.
 UPDATE orphan_files SET
     attempts = attempts + 1,
     last_error = :error,
     claim_token = NULL,
-    next_attempt_at = now()
-        + least(:cap, :base * power(2, attempts)) * :jitter * interval '1 second'
+    next_attempt_at = now() + :delay * interval '1 second'
 WHERE uuid = ANY(CAST(:uuids AS uuid[])) AND claim_token = :token
 
 -- release --
@@ -86,35 +139,3 @@ WHERE uuid = ANY(CAST(:uuids AS uuid[])) AND claim_token = :token
 -- host is failing only its probes take them.
 UPDATE orphan_files SET claim_token = NULL, next_attempt_at = now()
 WHERE uuid = ANY(CAST(:uuids AS uuid[])) AND claim_token = :token
-
--- host_unanswered --
--- A call the host left unanswered: it is failing (since now, unless it already was), one failure more, its next
--- probe one back-off step away: as long as it has been failing, at least ORPHAN_RETRY_SECONDS (:base), at most :cap,
--- which doubles the step with each failed probe (as removal/queries.sql explains). The failure count it now has: 1
--- means it just went failing.
-INSERT INTO host_health AS health (host_uuid, state, consecutive_failures, last_error, failing_since, next_probe_at)
-VALUES (:host_uuid, 'failing', 1, :error, now(), now() + least(CAST(:cap AS float8), CAST(:base AS float8)) * interval '1 second')
-ON CONFLICT (host_uuid) DO UPDATE SET
-    state = 'failing',
-    consecutive_failures = health.consecutive_failures + 1,
-    last_error = excluded.last_error,
-    failing_since = coalesce(health.failing_since, excluded.failing_since),
-    next_probe_at = now() + least(CAST(:cap AS float8), greatest(CAST(:base AS float8), CAST(
-        extract(epoch FROM now() - coalesce(health.failing_since, now())) AS float8))) * interval '1 second'
-RETURNING consecutive_failures
-
--- host_answered --
--- A call the host answered with a 200: a failing host is ok again and all its orphans are due at once (but those of
--- a claim in flight, this one's included, whose calls decide their own fate). Answers the failures it had, and its
--- last error, when it was failing; no row when it was ok already, which writes nothing.
-WITH answered AS (
-    UPDATE host_health SET state = 'ok', consecutive_failures = 0, failing_since = NULL, next_probe_at = NULL
-    FROM host_health AS before
-    WHERE host_health.host_uuid = :host_uuid AND host_health.state = 'failing' AND before.host_uuid = host_health.host_uuid
-    RETURNING host_health.host_uuid, before.consecutive_failures, before.last_error
-), due AS (
-    UPDATE orphan_files SET next_attempt_at = now()
-    FROM answered
-    WHERE orphan_files.host_uuid = answered.host_uuid AND orphan_files.claim_token IS NULL
-)
-SELECT consecutive_failures, last_error FROM answered

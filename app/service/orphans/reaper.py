@@ -6,25 +6,23 @@ own (app/service/orphans/health.py), and once it answers, all its orphans are du
 
 import asyncio
 import logging
-import random
 from dataclasses import dataclass
 from uuid import UUID, uuid4
 
 from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
-from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult
+from app.service.backoff import Backoff
+from app.service.db.engine import Engine, driver_connection
 from app.service.db.models import OrphanFile
-from app.service.db.queries import load_queries
-from app.service.orphans.health import record_contact
+from app.service.orphans.health import STATEMENTS, record_contact
 from app.service.pagination import Page, page_by_uuid
 from app.service.trace_context import linked_trace
 
 log = logging.getLogger(__name__)
-
-QUERIES = load_queries(__file__)
 
 
 async def list_orphans(
@@ -37,7 +35,7 @@ async def list_orphans(
     return await page_by_uuid(session, statement, OrphanFile.uuid, limit=limit, after=after)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _OrphanGroup:
     """Due orphans one removal job left of one VM on one host: the protocol's one delete call."""
 
@@ -47,6 +45,8 @@ class _OrphanGroup:
     agent_url: str
     uuids: list[UUID]
     files: list[FileToDelete]
+    attempts: int
+    """The most tries of any of them so far: the back-off step of the group."""
     probe: bool
     """Whether this call is the probe of a failing host."""
     trace_context: str | None
@@ -62,20 +62,24 @@ class OrphanReaper:
 
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        engine: Engine,
         agent: AgentClient,
         *,
-        retry_seconds: float,
-        retry_max_seconds: float,
+        backoff: Backoff,
         call_timeout_seconds: float,
+        poll_seconds: float,
         tracer: Tracer,
     ) -> None:
-        self._sessions = sessions
+        self._engine = engine
         self._agent = agent
+        self._backoff = backoff
         self._tracer = tracer
-        self._retry_seconds = retry_seconds
-        self._retry_max_seconds = retry_max_seconds
         self._hold_seconds = 2 * call_timeout_seconds + 5
+        self._poll_seconds = poll_seconds
+
+    async def run_once(self) -> float:
+        """Retry what is due (a periodic task); the seconds to rest: none while there was work."""
+        return 0.0 if await self.retry_due() else self._poll_seconds
 
     async def retry_due(self, limit: int = 1000) -> int:
         """Retry up to `limit` due orphans; how many were tried."""
@@ -85,28 +89,20 @@ class OrphanReaper:
         return sum(len(g.uuids) for g in groups)
 
     async def _claim(self, token: UUID, limit: int) -> list[_OrphanGroup]:
-        async with self._sessions() as session, session.begin():
-            rows = list(
-                await session.execute(
-                    text(QUERIES["claim_due"]), {"token": token, "hold": self._hold_seconds, "limit": limit}
-                )
-            )
+        async with driver_connection(self._engine) as connection:
+            params = {"token": token, "hold": self._hold_seconds, "limit": limit}
+            rows = await STATEMENTS.run(connection, "claim_due", params)
         grouped: dict[tuple[UUID, UUID, UUID | None], _OrphanGroup] = {}
         for row in rows:
-            key = (row.host_uuid, row.vm_uuid, row.job_id)
-            if key not in grouped:
-                grouped[key] = _OrphanGroup(
-                    row.host_uuid,
-                    row.vm_uuid,
-                    row.job_id,
-                    row.agent_url,
-                    [],
-                    [],
-                    probe=row.probe,
-                    trace_context=row.trace_context,
+            key = (row["host_uuid"], row["vm_uuid"], row["job_id"])
+            group = grouped.get(key)
+            if group is None:
+                group = grouped[key] = _OrphanGroup(
+                    *key, row["agent_url"], [], [], 0, probe=row["probe"], trace_context=row["trace_context"]
                 )
-            grouped[key].uuids.append(row.uuid)
-            grouped[key].files.append(FileToDelete(path=row.path, type=row.type))
+            group.uuids.append(row["uuid"])
+            group.files.append(FileToDelete(path=row["path"], type=row["type"]))
+            group.attempts = max(group.attempts, row["attempts"])
         return list(grouped.values())
 
     async def _retry_group(self, token: UUID, group: _OrphanGroup) -> None:
@@ -127,36 +123,21 @@ class OrphanReaper:
                 log.warning("could not record orphan retry", extra={**group.log_fields(), "reason": repr(error)})
 
     async def _record(self, token: UUID, group: _OrphanGroup, result: HostDeleteResult) -> None:
-        async with self._sessions() as session, session.begin():
+        claimed = {"uuids": group.uuids, "token": token}
+        async with driver_connection(self._engine) as connection, connection.transaction():
             if result.contact == "not_called":
-                await session.execute(text(QUERIES["release"]), {"uuids": group.uuids, "token": token})
+                await STATEMENTS.run(connection, "release", claimed)
                 log.info("orphan retry not sent", extra={**group.log_fields(), "reason": result.error})
                 return
             # Before the group's own orphans are confirmed or backed off: a host that answers again makes its other
             # orphans due, not those whose call just failed.
-            await record_contact(
-                session,
-                group.host_uuid,
-                result,
-                base=self._retry_seconds,
-                cap=self._retry_max_seconds,
-                fields=group.log_fields(),
-            )
+            await record_contact(connection, group.host_uuid, result, backoff=self._backoff, fields=group.log_fields())
             if result.ok:
-                await session.execute(text(QUERIES["confirm"]), {"uuids": group.uuids, "token": token})
+                await STATEMENTS.run(connection, "confirm", claimed)
                 log.info("orphan files deleted", extra={**group.log_fields(), "files": len(group.uuids)})
                 return
-            await session.execute(
-                text(QUERIES["back_off"]),
-                {
-                    "uuids": group.uuids,
-                    "token": token,
-                    "error": result.error,
-                    "base": self._retry_seconds,
-                    "cap": self._retry_max_seconds,
-                    "jitter": random.uniform(0.8, 1.2),
-                },
-            )
+            delay = self._backoff.delay(group.attempts + 1)
+            await STATEMENTS.run(connection, "back_off", {**claimed, "error": result.error, "delay": delay})
         log.warning(
             "orphan retry failed",
             extra={**group.log_fields(), "files": len(group.uuids), "probe": group.probe, "reason": result.error},

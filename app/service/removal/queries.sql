@@ -6,21 +6,21 @@
 -- Data-modifying CTEs all read the snapshot the statement started with; each step therefore works from what it
 -- reads and from its parameters, never from another CTE's effects.
 --
--- Which of a VM's host files go with its TPM: state files and secrets always, NVRAM unless the VM uses secure
--- boot (it holds the boot variables then). The libvirt secret encrypts the TPM's state, so it goes with the TPM
--- whatever the VM boots with. Backups follow the same rule. `plan` and `files_removed_with_tpm` both select with
--- it. A deletion of the VM takes every one of its files (`plan` with :every_file), and its cleanup deletes the VM
--- too (`cleanup` with :delete_vm).
---
--- Host health (app/service/orphans/health.py) is recorded by the statements that record host outcomes, in CTEs
--- they share (`host_health_changes`): a call left unanswered trips the host (`host_failed`), a call answered on a
--- failing host brings it back and makes all its orphans due (`host_answered`, `host_orphans_due`), a call not sent
--- changes nothing. They answer the changes as JSON (`health_changes`), for the log. A healthy host's answer writes
--- nothing there.
--- A failing host's next probe is one back-off step away: as long as it has been failing, at least
--- ORPHAN_RETRY_SECONDS (:retry), at most ORPHAN_RETRY_MAX_SECONDS (:cap). The step so doubles with each failed
--- probe, and the calls that were in flight together when the host went failing do not stretch it (a step doubled
--- per failed call would put the first probe of a host that failed eight calls at once at the cap).
+-- A deletion of the VM takes every one of its files (`vm_files` with :every_file), and its cleanup deletes the VM
+-- too (`cleanup` with :delete_vm). The statements that record host outcomes record each host's health too, with
+-- the CTEs they include from orphans/queries.sql (`host_health_changes`).
+
+-- vm_files --
+-- Not a statement: the rule of which of the VM's host files a job takes, a CTE that `plan` and
+-- `files_removed_with_tpm` include. A TPM removal takes state files and secrets always, NVRAM unless the VM uses
+-- secure boot (it holds the boot variables then); the libvirt secret encrypts the TPM's state, so it goes with the
+-- TPM whatever the VM boots with. Backups follow the same rule. With :every_file, every file of the VM.
+vm_files AS (
+    SELECT host_files.*
+    FROM host_files JOIN vms ON vms.uuid = host_files.vm_uuid
+    WHERE host_files.vm_uuid = :vm_uuid
+      AND (CAST(:every_file AS boolean) OR host_files.type IN ('TpmState', 'Secret') OR NOT vms.secure_boot)
+)
 
 -- queue_removal --
 -- The job of a removal, inserted only while the VM has a TPM and no job under way. The TPM row is locked, so
@@ -28,7 +28,7 @@
 -- partial unique index of active jobs (named by repeating its predicate, which must be literal) turns a job
 -- already queued into no row too. It is the whole of the common DELETE.
 INSERT INTO jobs (id, type, vm_uuid, tpm_uuid, trace_context)
-SELECT :job_id, 'remove-tpm', tpms.vm_uuid, tpms.uuid, :trace_context FROM tpms WHERE tpms.vm_uuid = :vm_uuid FOR UPDATE
+SELECT :job_id, :job_type, tpms.vm_uuid, tpms.uuid, :trace_context FROM tpms WHERE tpms.vm_uuid = :vm_uuid FOR UPDATE
 ON CONFLICT (vm_uuid) WHERE state IN ('queued', 'running') DO NOTHING
 RETURNING *
 
@@ -38,7 +38,7 @@ RETURNING *
 -- or host file) is committed before the job is, and so seen by its plan; every such write made after it sees the
 -- job, and is refused.
 INSERT INTO jobs (id, type, vm_uuid, tpm_uuid, trace_context)
-SELECT :job_id, 'delete-vm', vms.uuid, tpms.uuid, :trace_context
+SELECT :job_id, :job_type, vms.uuid, tpms.uuid, :trace_context
 FROM vms LEFT JOIN tpms ON tpms.vm_uuid = vms.uuid WHERE vms.uuid = :vm_uuid FOR UPDATE OF vms
 ON CONFLICT (vm_uuid) WHERE state IN ('queued', 'running') DO NOTHING
 RETURNING *
@@ -51,12 +51,10 @@ SELECT (SELECT uuid FROM vms WHERE uuid = :vm_uuid) AS vm,
        (SELECT uuid FROM tpms WHERE vm_uuid = :vm_uuid) AS tpm
 
 -- files_removed_with_tpm --
--- What a removal of the VM's TPM would delete, as `GET /vms/{uuid}/tpm` previews it.
-SELECT host_files.*
-FROM host_files JOIN vms ON vms.uuid = host_files.vm_uuid
-WHERE host_files.vm_uuid = :vm_uuid
-  AND (host_files.type IN ('TpmState', 'Secret') OR NOT vms.secure_boot)
-ORDER BY host_files.host_uuid, host_files.path
+-- What a removal of the VM's TPM would delete (without :every_file), as `GET /vms/{uuid}/tpm` previews it.
+WITH
+-- include vm_files --
+SELECT * FROM vm_files ORDER BY host_uuid, path
 
 -- plan --
 -- Fence, then once per job (a resumed job keeps its own plan) copy its files (every one with :every_file, else
@@ -69,12 +67,13 @@ WITH job AS (
     FROM jobs AS before
     WHERE jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running' AND before.id = jobs.id
     RETURNING before.planned AS was_planned
-), planned_files AS (
+),
+-- include vm_files --
+, planned_files AS (
     INSERT INTO job_files (job_id, file_uuid, host_uuid, path, type)
-    SELECT :job_id, host_files.uuid, host_files.host_uuid, host_files.path, host_files.type
-    FROM job, host_files JOIN vms ON vms.uuid = host_files.vm_uuid
-    WHERE NOT job.was_planned AND host_files.vm_uuid = :vm_uuid
-      AND (CAST(:every_file AS boolean) OR host_files.type IN ('TpmState', 'Secret') OR NOT vms.secure_boot)
+    SELECT :job_id, vm_files.uuid, vm_files.host_uuid, vm_files.path, vm_files.type
+    FROM job, vm_files
+    WHERE NOT job.was_planned
     RETURNING host_uuid, path, type
 ), planned_hosts AS (
     INSERT INTO job_hosts (job_id, host_uuid, files)
@@ -95,50 +94,17 @@ FROM job LEFT JOIN (
 ) ON true
 ORDER BY pending.host_uuid, pending.path
 
--- host_health_changes --
--- Not a statement: the host-health CTEs (see the top of this file) that record_outcomes and cleanup both end with,
--- over their `job` and `outcome` CTEs; each includes them.
-host_failed AS (
-    INSERT INTO host_health AS health (host_uuid, state, consecutive_failures, last_error, failing_since, next_probe_at)
-    SELECT outcome.host_uuid, 'failing', 1, outcome.error, now(), now() + least(CAST(:cap AS float8), CAST(:retry AS float8)) * interval '1 second'
-    FROM job, outcome
-    WHERE outcome.contact = 'unanswered'
-    -- Row locks taken in one order by every statement: two jobs failing on the same hosts never deadlock.
-    ORDER BY outcome.host_uuid
-    ON CONFLICT (host_uuid) DO UPDATE SET
-        state = 'failing',
-        consecutive_failures = health.consecutive_failures + 1,
-        last_error = excluded.last_error,
-        failing_since = coalesce(health.failing_since, excluded.failing_since),
-        next_probe_at = now() + least(CAST(:cap AS float8), greatest(CAST(:retry AS float8), CAST(
-            extract(epoch FROM now() - coalesce(health.failing_since, now())) AS float8))) * interval '1 second'
-    RETURNING host_uuid, consecutive_failures, last_error
-), host_answered AS (
-    UPDATE host_health SET state = 'ok', consecutive_failures = 0, failing_since = NULL, next_probe_at = NULL
-    FROM job, outcome, host_health AS before
-    WHERE host_health.host_uuid = outcome.host_uuid AND outcome.contact = 'answered'
-      AND host_health.state = 'failing' AND before.host_uuid = host_health.host_uuid
-    RETURNING host_health.host_uuid, before.consecutive_failures, before.last_error
-), host_orphans_due AS (
-    UPDATE orphan_files SET next_attempt_at = now()
-    FROM host_answered
-    WHERE orphan_files.host_uuid = host_answered.host_uuid AND orphan_files.claim_token IS NULL
-), health_changes AS (
-    SELECT host_uuid, 'failing' AS state, consecutive_failures, last_error FROM host_failed
-    WHERE consecutive_failures = 1
-    UNION ALL
-    SELECT host_uuid, 'ok', consecutive_failures, last_error FROM host_answered
-)
-
 -- record_outcomes --
 -- Host outcomes that land while other hosts of the job are still being called, recorded on the job's pending
--- hosts, and each host's health. They come as four arrays of the same length (the contact is the agent client's:
+-- hosts, and each host's health (the job's fence is the host-health CTEs' too). They come as four arrays of the same length (the contact is the agent client's:
 -- answered, unanswered or not_called); host UUIDs as text, since asyncpg knows text[] from the start but would look
 -- uuid[] up on each new connection (three more round trips inside the statement).
 WITH job AS (
     UPDATE jobs SET lease_expires_at = now() + :lease * interval '1 second'
     WHERE jobs.id = :job_id AND jobs.lease_token = :token AND jobs.state = 'running'
     RETURNING id
+), fence AS (
+    SELECT FROM job
 ), outcome AS (
     SELECT CAST(host AS uuid) AS host_uuid, state, error, contact
     FROM unnest(CAST(:hosts AS text[]), CAST(:states AS text[]), CAST(:errors AS text[]), CAST(:contacts AS text[]))
@@ -148,7 +114,7 @@ WITH job AS (
     FROM job, outcome
     WHERE job_hosts.job_id = job.id AND job_hosts.host_uuid = outcome.host_uuid AND job_hosts.state = 'pending'
 ),
--- include host_health_changes --
+-- include host_health_changes from orphans --
 SELECT id, (SELECT json_agg(health_changes) FROM health_changes) AS health_changes FROM job
 
 -- cleanup --
@@ -188,7 +154,7 @@ WITH outcome AS (
     INSERT INTO orphan_files (uuid, host_uuid, vm_uuid, job_id, path, type, attempts, last_error, next_attempt_at,
                               trace_context)
     SELECT files.file_uuid, files.host_uuid, :vm_uuid, :job_id, files.path, files.type,
-           1, files.error, now() + :retry * interval '1 second', job.trace_context
+           1, files.error, now() + :orphan_delay * interval '1 second', job.trace_context
     FROM job, files
     WHERE files.state <> 'deleted'
 ), confirmed AS (
@@ -205,6 +171,8 @@ WITH outcome AS (
     DELETE FROM tpms USING job WHERE tpms.vm_uuid = :vm_uuid
 ), vm AS (
     DELETE FROM vms USING job WHERE vms.uuid = :vm_uuid AND CAST(:delete_vm AS boolean)
+), fence AS (
+    SELECT FROM job
 ),
--- include host_health_changes --
+-- include host_health_changes from orphans --
 SELECT orphan_files, (SELECT json_agg(health_changes) FROM health_changes) AS health_changes FROM job

@@ -22,12 +22,11 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult, not_called
-from app.service.db.engine import DriverStatement, driver_connection
-from app.service.db.queries import load_queries
+from app.service.backoff import Backoff
+from app.service.db.engine import Engine, driver_connection
+from app.service.db.queries import NamedStatements
 from app.service.errors import LeaseLostError
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim
@@ -35,10 +34,7 @@ from app.service.orphans.health import log_health_changes
 
 log = logging.getLogger(__name__)
 
-QUERIES = load_queries(__file__)
-_PLAN, _RECORD_OUTCOMES, _CLEANUP = (
-    DriverStatement.of(text(QUERIES[name])) for name in ("plan", "record_outcomes", "cleanup")
-)
+STATEMENTS = NamedStatements(__file__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +64,11 @@ class HostPlan:
     """The outcome of a host that is failing: not called, saying since when and why; None while it is ok."""
 
 
+def vm_of(claim: JobClaim) -> UUID:
+    """The VM a removal job removes files of."""
+    return UUID(claim.payload["vm_uuid"])
+
+
 # How long the first outcome of a batch waits for the job's other hosts before it is written without them.
 OUTCOME_LINGER_SECONDS = 0.02
 
@@ -85,35 +86,27 @@ class Removal:
     """Runs the removal jobs of one scope, given a database engine and an agent client; knows nothing of HTTP or
     claiming."""
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        agent: AgentClient,
-        *,
-        scope: RemovalScope,
-        orphan_retry_seconds: float,
-        orphan_retry_max_seconds: float,
-    ) -> None:
+    def __init__(self, engine: Engine, agent: AgentClient, *, scope: RemovalScope, backoff: Backoff) -> None:
         self._engine = engine
         self._agent = agent
         self._scope = scope
-        # The back-off of orphans and of a failing host's probes: from the first, doubling, up to the cap.
-        self._backoff = {"retry": orphan_retry_seconds, "cap": orphan_retry_max_seconds}
+        self._backoff = backoff
+        """The back-off of orphans and of a failing host's probes."""
 
-    async def run(self, claim: JobClaim, lease: LeaseClock) -> int:
-        """Carry a claimed job to its end; the number of orphan files it left. Raises LeaseLostError."""
+    async def run(self, claim: JobClaim, lease: LeaseClock) -> None:
+        """Carry a claimed job to its end. Raises LeaseLostError."""
         hosts = await self.plan_removal(claim, lease)
         last_outcomes = await self.delete_on_hosts(claim, lease, hosts)
-        return await self.commit_cleanup(claim, lease, last_outcomes)
+        await self.commit_cleanup(claim, lease, last_outcomes)
 
     async def _fenced(
-        self, claim: JobClaim, lease: LeaseClock, statement: DriverStatement, params: dict[str, Any]
+        self, claim: JobClaim, lease: LeaseClock, name: str, params: dict[str, Any]
     ) -> list[asyncpg.Record]:
         """Run one fenced statement on its own (no transaction around it); its rows, or LeaseLostError if none."""
         sent_at = time.monotonic()
         # Every statement of a job is fenced and atomic by itself: none needs a transaction around it.
         async with driver_connection(self._engine) as connection:
-            rows = await statement.fetch(connection, {**claim.fence_params(lease.lease_seconds), **params})
+            rows = await STATEMENTS.run(connection, name, {**claim.fence_params(lease.lease_seconds), **params})
         if not rows:
             lease.lose()
             raise LeaseLostError(f"job {claim.job_id}: lease was taken over")
@@ -122,7 +115,8 @@ class Removal:
 
     async def plan_removal(self, claim: JobClaim, lease: LeaseClock) -> list[HostPlan]:
         """Record the job's files and hosts once (a resumed job keeps its plan); the hosts still pending."""
-        rows = await self._fenced(claim, lease, _PLAN, {"vm_uuid": claim.vm_uuid, "every_file": self._scope.every_file})
+        params = {"vm_uuid": vm_of(claim), "every_file": self._scope.every_file}
+        rows = await self._fenced(claim, lease, "plan", params)
         plans: dict[UUID, HostPlan] = {}
         for host_uuid, agent_url, path, file_type, failing_since, last_error in rows:
             if host_uuid is None:  # the job has no file (left) to delete
@@ -144,8 +138,8 @@ class Removal:
         """
 
         async def record_outcomes(outcomes: list[tuple[UUID, HostDeleteResult]]) -> None:
-            params = {**self._backoff, **_outcome_params(outcomes)}
-            (row,) = await self._fenced(claim, lease, _RECORD_OUTCOMES, params)
+            params = {**self._backoff.probe_params(), **_outcome_params(outcomes)}
+            (row,) = await self._fenced(claim, lease, "record_outcomes", params)
             log_health_changes(row["health_changes"], claim.log_fields())
 
         recorder = _OutcomeRecorder(record_outcomes, hosts=len(hosts))
@@ -155,7 +149,7 @@ class Removal:
                 raise LeaseLostError(f"job {claim.job_id}: lease may have run out, host not called")
             if host.failing is None:
                 result = await self._agent.delete_files(
-                    host.agent_url, claim.vm_uuid, host.files, host_uuid=host.host_uuid
+                    host.agent_url, vm_of(claim), host.files, host_uuid=host.host_uuid
                 )
             else:
                 result = host.failing
@@ -188,12 +182,13 @@ class Removal:
         binding and TPM (and the VM, if the scope says so) deleted, the job succeeded. The number of orphan files
         the job left."""
         params = {
-            "vm_uuid": claim.vm_uuid,
+            "vm_uuid": vm_of(claim),
             "delete_vm": self._scope.vm,
-            **self._backoff,
+            "orphan_delay": self._backoff.delay(1),
+            **self._backoff.probe_params(),
             **_outcome_params(last_outcomes),
         }
-        (row,) = await self._fenced(claim, lease, _CLEANUP, params)
+        (row,) = await self._fenced(claim, lease, "cleanup", params)
         log_health_changes(row["health_changes"], claim.log_fields())
         return int(row["orphan_files"])
 
