@@ -41,13 +41,12 @@ async def refresh_gauges(session: AsyncSession, *, finished_jobs: bool = True) -
     """Set the database-backed gauges (jobs by state, orphan files pending, abandoned files, hosts by health) from
     cheap queries.
 
-    Finished jobs are counted only when `finished_jobs`: they are nearly all of the table (JOB_RETENTION_SECONDS of
-    them), which only a scan counts, while the active ones are few and
-    counted through the claim index, which holds only them.
+    Finished jobs are counted only when `finished_jobs`: they are nearly all of the table, which only a scan
+    counts, while the active ones are few and counted through the claim index, which holds only them.
     """
     counted_states = JOB_STATES if finished_jobs else ACTIVE_JOB_STATES
     by_state = select(Job.state, func.count()).where(Job.state.in_(counted_states)).group_by(Job.state)
-    counts: dict[str, int] = dict((await session.execute(by_state)).tuples().all())
+    counts: dict[str, int] = dict((await session.execute(by_state)).all())
     for state in counted_states:
         JOBS_BY_STATE.labels(state=state).set(counts.get(state, 0))
     ORPHAN_FILES.set(await session.scalar(select(func.count()).select_from(OrphanFile)) or 0)
@@ -55,7 +54,7 @@ async def refresh_gauges(session: AsyncSession, *, finished_jobs: bool = True) -
     # A host without a health row has never failed a call: it is ok.
     health = func.coalesce(HostHealth.state, "ok")
     by_health = select(health, func.count()).select_from(Host).outerjoin(HostHealth).group_by(health)
-    hosts: dict[str, int] = dict((await session.execute(by_health)).tuples().all())
+    hosts: dict[str, int] = dict((await session.execute(by_health)).all())
     for state in HEALTH_STATES:
         HOSTS_BY_HEALTH.labels(state=state).set(hosts.get(state, 0))
 
