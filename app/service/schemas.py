@@ -10,7 +10,7 @@ from app.protocol import FILE_TYPES, MAX_PATH_BYTES, SECRET_FILE_NAME_PATTERN, F
 from app.service.jobs.types import JobType
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
-HostState = Literal["pending", "deleted", "failed"]
+HostState = Literal["pending", "deleted", "scanned", "failed"]
 HealthState = Literal["ok", "failing"]
 
 
@@ -216,7 +216,7 @@ class TpmWithFilesOut(TpmOut):
 
 
 class JobHostOut(BaseModel):
-    """How one host's delete call of a job went."""
+    """How one host's call of a job went: its delete call, or its scan (`scanned`; `files`: the entries it listed)."""
 
     host_uuid: UUID
     files: int
@@ -225,11 +225,11 @@ class JobHostOut(BaseModel):
 
 
 class JobOut(BaseModel):
-    """A job that removes a VM's TPM (`remove-tpm`) or deletes the VM (`delete-vm`)."""
+    """A job that removes a VM's TPM (`remove-tpm`), deletes the VM (`delete-vm`) or scans a host (`scan-host`)."""
 
     id: UUID
     type: JobType
-    vm_uuid: UUID
+    vm_uuid: UUID | None = Field(description="The VM the job removes files of; null for a scan-host job")
     tpm_uuid: UUID | None = Field(description="The TPM the job removes; null for a delete-vm job of a VM without one")
     state: JobState
     created_at: UtcTime
@@ -238,6 +238,9 @@ class JobOut(BaseModel):
     hosts: list[JobHostOut]
     orphan_files: int
     error: str | None
+    strays: int | None = Field(
+        default=None, description="A scan-host job's: how many strays the scan left on its host's list"
+    )
     # Not part of the body: the answer's Retry-After header.
     _retry_after: int | None = PrivateAttr(default=None)
 

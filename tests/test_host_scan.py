@@ -1,0 +1,190 @@
+"""The scan-host job: POST /hosts/{uuid}/scan asks the host's shipped agent what it holds, and one fenced statement
+makes the host's stray list what no record names; failing hosts are not called, an older agent's 404 leaves the host
+ok, an answer that does not validate fails the host, and nothing is ever deleted. Real agents on loopback, a real
+database.
+"""
+
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiohttp import web
+from sqlalchemy import text
+
+from app.agent.server import answer, create_agent_app
+from app.protocol import MAX_SCAN_ENTRIES, SCAN_PATH, DeleteFailed, ScanEntry
+from tests.agent_helpers import Handler, running_agent, running_app
+from tests.conftest import AppFactory
+from tests.inventory_helpers import add_file, put_host, put_vm, remove_tpm, wait_for_job
+from tests.problem_helpers import assert_problem
+
+DEAD_AGENT = "http://127.0.0.1:9"
+MIN_AGE_SECONDS = 600
+
+
+def aged(path: Path, seconds: float = 2 * MIN_AGE_SECONDS) -> Path:
+    """Make a file or directory look `seconds` old, as a stray left long ago does."""
+    then = time.time() - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+    return path
+
+
+async def scan(client: httpx.AsyncClient, host: str) -> dict[str, Any]:
+    """Scan the host and wait for the job; the finished job."""
+    accepted = await client.post(f"/hosts/{host}/scan")
+    assert accepted.status_code == 202, accepted.text
+    return await wait_for_job(client, accepted.json()["id"])
+
+
+async def strays_of(client: httpx.AsyncClient, host: str) -> dict[str, dict[str, Any]]:
+    """The host's stray list as the database holds it, by path."""
+    async with client.app.state.sessions() as session:  # type: ignore[attr-defined]
+        rows = await session.execute(text("SELECT * FROM stray_files WHERE host_uuid = :host"), {"host": host})
+        return {row.path: dict(row._mapping) for row in rows}
+
+
+async def test_a_scan_lists_what_no_record_names_and_keeps_first_seen_across_scans(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    client = await make_client(stray_min_age_seconds=MIN_AGE_SECONDS)
+    vm = await put_vm(client)
+    recorded = tmp_path / vm
+    (recorded / "tpm2").mkdir(parents=True)
+    left = str(uuid.uuid4())
+    stray = tmp_path / f"{left}.snapshot-backup"
+    stray.mkdir()
+    (stray / "state").write_bytes(b"s" * 10)
+    young = tmp_path / "just-made_VARS.fd"
+    young.write_bytes(b"")
+    for path in (recorded, stray / "state", stray):
+        aged(path)
+    async with running_agent(tmp_path) as url:
+        host = await put_host(client, url)
+        await add_file(client, vm, host, recorded)
+        first = await scan(client, host)
+        listed = await strays_of(client, host)
+        again = await scan(client, host)
+        relisted = await strays_of(client, host)
+        (stray / "state").unlink()
+        stray.rmdir()
+        gone = await scan(client, host)
+
+    assert first["type"] == "scan-host" and first["state"] == "succeeded"
+    assert (first["vm_uuid"], first["tpm_uuid"], first["strays"]) == (None, None, 1)
+    assert first["hosts"] == [{"host_uuid": host, "files": 3, "state": "scanned", "error": None}]
+    assert set(listed) == {str(stray)}
+    row = listed[str(stray)]
+    assert (row["type"], str(row["vm_uuid"]), row["bytes"]) == ("TpmState", left, 10)
+    assert again["strays"] == 1
+    kept = relisted[str(stray)]
+    assert kept["uuid"] == row["uuid"] and kept["first_seen_at"] == row["first_seen_at"]
+    assert kept["last_seen_at"] > row["last_seen_at"]
+    assert gone["strays"] == 0 and await strays_of(client, host) == {}
+    # A scan deletes nothing.
+    assert recorded.exists() and young.exists()
+
+
+async def test_scan_requests_share_the_job_under_way(make_client: AppFactory) -> None:
+    client = await make_client(run_worker=False)
+    host = await put_host(client, DEAD_AGENT)
+    first = await client.post(f"/hosts/{host}/scan")
+    second = await client.post(f"/hosts/{host}/scan")
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    assert first.headers["Location"] == f"/jobs/{first.json()['id']}" and first.headers["Retry-After"] == "1"
+    assert first.json()["hosts"] == [] and first.json()["vm_uuid"] is None
+
+
+async def test_scan_of_an_unknown_host_is_404_and_of_a_malformed_uuid_422(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.post(f"/hosts/{uuid.uuid4()}/scan"), 404)
+    assert_problem(await client.post("/hosts/not-a-uuid/scan"), 422)
+
+
+async def test_a_failing_host_is_not_called_and_its_list_stays(client: httpx.AsyncClient) -> None:
+    host = await put_host(client, DEAD_AGENT)
+    unanswered = await scan(client, host)
+    not_called = await scan(client, host)
+    health = (await client.get(f"/hosts/{host}")).json()["health"]
+    assert unanswered["hosts"][0]["state"] == "failed" and health["state"] == "failing"
+    assert "not called" in not_called["hosts"][0]["error"] and not_called["strays"] == 0
+
+
+@asynccontextmanager
+async def agent_answering_scans(tmp_path: Path, scan_answer: Handler) -> AsyncIterator[str]:
+    """The shipped agent, whose scans `scan_answer` answers instead; its URL."""
+
+    @web.middleware
+    async def instead(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await (scan_answer if request.path == SCAN_PATH else handler)(request)
+
+    app = create_agent_app(tmp_path, libvirt=None)
+    app.middlewares.append(instead)
+    async with running_app(app) as url:
+        yield url
+
+
+async def older_agent(request: web.Request) -> web.StreamResponse:
+    """An agent older than the scan: it has no such operation."""
+    raise web.HTTPNotFound
+
+
+async def test_an_older_agent_stays_ok_and_a_removal_still_reaches_it(make_client: AppFactory, tmp_path: Path) -> None:
+    client = await make_client(stray_min_age_seconds=0)
+    vm = await put_vm(client)
+    state = tmp_path / vm
+    state.mkdir()
+    async with agent_answering_scans(tmp_path, older_agent) as url:
+        host = await put_host(client, url)
+        await add_file(client, vm, host, state)
+        scanned = await scan(client, host)
+        health = (await client.get(f"/hosts/{host}")).json()["health"]
+        removal = await remove_tpm(client, vm)
+
+    (outcome,) = scanned["hosts"]
+    assert outcome["state"] == "failed" and "cannot scan" in outcome["error"] and "404" in outcome["error"]
+    assert health["state"] == "ok"
+    assert removal["hosts"][0]["state"] == "deleted" and not state.exists()
+
+
+async def test_a_scan_answer_over_the_limit_fails_the_host_and_leaves_its_list(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    client = await make_client(stray_min_age_seconds=0)
+    entry = ScanEntry(
+        path="/x", type="NvRam", vm_uuid=None, bytes=0, modified_at=datetime.now(UTC), in_use=False
+    ).model_dump(mode="json")
+    too_many = {"success": True, "truncated": False, "entries": [entry] * (MAX_SCAN_ENTRIES + 1)}
+
+    async def oversized(request: web.Request) -> web.StreamResponse:
+        return web.json_response(too_many)
+
+    (tmp_path / "old.fd").write_bytes(b"")
+    aged(tmp_path / "old.fd")
+    async with running_agent(tmp_path) as url:
+        host = await put_host(client, url)
+        await scan(client, host)
+    async with agent_answering_scans(tmp_path, oversized) as url:
+        await client.put(f"/hosts/{host}", json={"name": "kvm", "agent_url": url})
+        refused = await scan(client, host)
+    assert refused["hosts"][0]["state"] == "failed" and "invalid answer" in refused["hosts"][0]["error"]
+    assert set(await strays_of(client, host)) == {str(tmp_path / "old.fd")} and refused["strays"] == 1
+
+
+async def test_an_agent_that_cannot_scan_fails_the_host_with_its_reason(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    client = await make_client()
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        return answer(DeleteFailed(error="cannot ask libvirt: down"))
+
+    async with agent_answering_scans(tmp_path, broken) as url:
+        host = await put_host(client, url)
+        failed = await scan(client, host)
+    assert failed["hosts"][0]["error"] == "agent error: cannot ask libvirt: down"
