@@ -4,6 +4,7 @@ ok, an answer that does not validate fails the host, and nothing is ever deleted
 database.
 """
 
+import asyncio
 import os
 import time
 import uuid
@@ -134,15 +135,17 @@ async def older_agent(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound
 
 
-async def test_an_older_agent_stays_ok_and_a_removal_still_reaches_it(make_client: AppFactory, tmp_path: Path) -> None:
-    client = await make_client(stray_min_age_seconds=0)
+async def test_an_older_agent_stays_ok_after_a_periodic_scan_and_a_removal_still_reaches_it(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    client = await make_client(stray_min_age_seconds=0, host_scan_interval_seconds=1)
     vm = await put_vm(client)
     state = tmp_path / vm
     state.mkdir()
     async with agent_answering_scans(tmp_path, older_agent) as url:
         host = await put_host(client, url)
         await add_file(client, vm, host, state)
-        scanned = await scan(client, host)
+        scanned = await wait_for_job(client, await periodic_scan_of(client, host))
         health = (await client.get(f"/hosts/{host}")).json()["health"]
         removal = await remove_tpm(client, vm)
 
@@ -150,6 +153,33 @@ async def test_an_older_agent_stays_ok_and_a_removal_still_reaches_it(make_clien
     assert outcome["state"] == "failed" and "cannot scan" in outcome["error"] and "404" in outcome["error"]
     assert health["state"] == "ok"
     assert removal["hosts"][0]["state"] == "deleted" and not state.exists()
+
+
+async def periodic_scan_of(client: httpx.AsyncClient, host: str) -> str:
+    """The id of the first scan job of the host that periodic scans queued, once there is one."""
+    for _ in range(200):
+        async with client.app.state.sessions() as session:  # type: ignore[attr-defined]
+            job = await session.scalar(
+                text("SELECT id FROM jobs WHERE host_uuid = :host ORDER BY created_at LIMIT 1"), {"host": host}
+            )
+        if job is not None:
+            return str(job)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no periodic scan of host {host} was queued")
+
+
+async def test_periodic_scans_find_the_strays_of_every_host(make_client: AppFactory, tmp_path: Path) -> None:
+    client = await make_client(stray_min_age_seconds=0, host_scan_interval_seconds=1)
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        root.mkdir()
+        (root / "left.fd").write_bytes(b"")
+    async with running_agent(roots[0]) as first_url, running_agent(roots[1]) as second_url:
+        hosts = [await put_host(client, first_url), await put_host(client, second_url)]
+        jobs = [await wait_for_job(client, await periodic_scan_of(client, host)) for host in hosts]
+    assert [job["strays"] for job in jobs] == [1, 1]
+    for host, root in zip(hosts, roots, strict=True):
+        assert set(await strays_of(client, host)) == {str(root / "left.fd")}
 
 
 async def test_a_scan_answer_over_the_limit_fails_the_host_and_leaves_its_list(

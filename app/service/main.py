@@ -33,6 +33,7 @@ from app.service.metrics import GaugeRefresher, HttpMetrics
 from app.service.orphans.reaper import OrphanReaper
 from app.service.removal.run import TPM_REMOVAL, VM_DELETION, Removal
 from app.service.request_id import add_request_ids
+from app.service.scan.periodic import PeriodicScans
 from app.service.scan.run import HostScan
 from app.service.settings import Settings, get_settings
 from app.service.tracing import (
@@ -102,6 +103,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     worker.handle(JobType.DELETE_VM, traced_job(tracing.tracer, removal(scope=VM_DELETION).run))
     scan = HostScan(worker_engine, agent, backoff=orphan_backoff, min_age_seconds=settings.stray_min_age_seconds)
     worker.handle(JobType.SCAN_HOST, traced_job(tracing.tracer, scan.run))
+    if settings.host_scan_interval_seconds > 0:
+        scans = PeriodicScans(
+            worker_engine,
+            interval_seconds=settings.host_scan_interval_seconds,
+            poll_seconds=settings.worker_poll_seconds,
+        )
+        worker.repeat("scan hosts", scans.run_once)
     reaper = OrphanReaper(
         worker_engine,
         agent,

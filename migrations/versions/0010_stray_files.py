@@ -22,6 +22,8 @@ HOST_STATES_WITH_SCANNED = "state IN ('pending', 'deleted', 'scanned', 'failed')
 
 def upgrade() -> None:
     op.alter_column("jobs", "vm_uuid", existing_type=sa.Uuid(), nullable=True)
+    op.add_column("hosts", sa.Column("next_scan_at", sa.DateTime(timezone=True), nullable=True))
+    op.create_index("ix_hosts_next_scan_at", "hosts", ["next_scan_at"])
     op.add_column("jobs", sa.Column("host_uuid", sa.Uuid(), nullable=True))
     op.add_column("jobs", sa.Column("strays", sa.Integer(), nullable=True))
     op.create_index("uq_jobs_one_active_per_host", "jobs", ["host_uuid"], unique=True, postgresql_where=ACTIVE_JOB)
@@ -57,3 +59,5 @@ def downgrade() -> None:
     op.drop_column("jobs", "strays")
     op.drop_column("jobs", "host_uuid")
     op.alter_column("jobs", "vm_uuid", existing_type=sa.Uuid(), nullable=False)
+    op.drop_index("ix_hosts_next_scan_at", "hosts")
+    op.drop_column("hosts", "next_scan_at")

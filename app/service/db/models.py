@@ -58,11 +58,15 @@ class Host(Base):
     """A KVM host and the URL of its agent."""
 
     __tablename__ = "hosts"
+    # Periodic scans look for the hosts that are due.
+    __table_args__ = (Index("ix_hosts_next_scan_at", "next_scan_at"),)
 
     uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), nullable=False)
     agent_url: Mapped[str] = mapped_column(String(2048), nullable=False)
     created_at: Mapped[datetime] = _created_at()
+    # When the host's next periodic scan is due; null until the first round spreads it over the interval.
+    next_scan_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Vm(Base):

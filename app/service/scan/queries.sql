@@ -94,3 +94,29 @@ WITH outcome AS (
 ),
 -- include host_health_changes from orphans --
 SELECT strays, (SELECT json_agg(health_changes) FROM health_changes) AS health_changes FROM job
+
+-- spread_new_hosts --
+-- Hosts never scanned get their first scan at a point of the interval that a hash of their UUID gives, so that a
+-- fleet added at once (or present when scans were turned on) is not scanned at once.
+UPDATE hosts
+SET next_scan_at = now() + (hashtext(CAST(uuid AS text)) & 2147483647) % greatest(1, CAST(:interval AS bigint))
+    * interval '1 second'
+WHERE next_scan_at IS NULL
+
+-- queue_due_scans --
+-- Up to :limit hosts whose scan is due, claimed by one replica (row locks, SKIP LOCKED, as probes are), each given
+-- its next scan one interval on, and a scan job queued for each (none where a scan is under way already).
+WITH due AS (
+    SELECT uuid FROM hosts
+    WHERE next_scan_at <= now()
+    ORDER BY next_scan_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+), scheduled AS (
+    UPDATE hosts SET next_scan_at = now() + CAST(:interval AS float8) * interval '1 second'
+    FROM due WHERE hosts.uuid = due.uuid
+)
+INSERT INTO jobs (id, type, host_uuid)
+SELECT gen_random_uuid(), :job_type, due.uuid FROM due
+ON CONFLICT (host_uuid) WHERE state IN ('queued', 'running') DO NOTHING
+RETURNING id
