@@ -20,6 +20,7 @@ from sqlalchemy import text
 
 from app.agent.server import answer, create_agent_app
 from app.protocol import MAX_SCAN_ENTRIES, SCAN_PATH, DeleteFailed, ScanEntry
+from app.service.metrics import refresh_gauges
 from tests.agent_helpers import Handler, running_agent, running_app
 from tests.conftest import AppFactory
 from tests.inventory_helpers import add_file, put_host, put_vm, remove_tpm, wait_for_job
@@ -27,6 +28,9 @@ from tests.problem_helpers import assert_problem
 
 DEAD_AGENT = "http://127.0.0.1:9"
 MIN_AGE_SECONDS = 600
+STRAY_KEYS = {
+    "uuid", "host_uuid", "path", "type", "vm_uuid", "vm_known", "bytes", "modified_at", "first_seen_at", "last_seen_at"
+}  # fmt: skip
 
 
 def aged(path: Path, seconds: float = 2 * MIN_AGE_SECONDS) -> Path:
@@ -44,10 +48,10 @@ async def scan(client: httpx.AsyncClient, host: str) -> dict[str, Any]:
 
 
 async def strays_of(client: httpx.AsyncClient, host: str) -> dict[str, dict[str, Any]]:
-    """The host's stray list as the database holds it, by path."""
-    async with client.app.state.sessions() as session:  # type: ignore[attr-defined]
-        rows = await session.execute(text("SELECT * FROM stray_files WHERE host_uuid = :host"), {"host": host})
-        return {row.path: dict(row._mapping) for row in rows}
+    """The host's stray list as GET /stray-files shows it, by path."""
+    answer = await client.get("/stray-files", params={"host_uuid": host, "limit": 1000})
+    assert answer.status_code == 200, answer.text
+    return {stray["path"]: stray for stray in answer.json()}
 
 
 async def test_a_scan_lists_what_no_record_names_and_keeps_first_seen_across_scans(
@@ -81,7 +85,8 @@ async def test_a_scan_lists_what_no_record_names_and_keeps_first_seen_across_sca
     assert first["hosts"] == [{"host_uuid": host, "files": 3, "state": "scanned", "error": None}]
     assert set(listed) == {str(stray)}
     row = listed[str(stray)]
-    assert (row["type"], str(row["vm_uuid"]), row["bytes"]) == ("TpmState", left, 10)
+    assert row.keys() == STRAY_KEYS and row["host_uuid"] == host
+    assert (row["type"], row["vm_uuid"], row["vm_known"], row["bytes"]) == ("TpmState", left, False, 10)
     assert again["strays"] == 1
     kept = relisted[str(stray)]
     assert kept["uuid"] == row["uuid"] and kept["first_seen_at"] == row["first_seen_at"]
@@ -218,3 +223,37 @@ async def test_an_agent_that_cannot_scan_fails_the_host_with_its_reason(
         host = await put_host(client, url)
         failed = await scan(client, host)
     assert failed["hosts"][0]["error"] == "agent error: cannot ask libvirt: down"
+
+
+async def test_stray_list_pages_knows_its_vms_is_counted_and_goes_with_its_host(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    client = await make_client(stray_min_age_seconds=0)
+    known = await put_vm(client, tpm=False)
+    for name in (known, f"{known}.snapshot-backup", "other_VARS.fd"):
+        (tmp_path / name).write_bytes(b"")
+    async with running_agent(tmp_path) as url:
+        host = await put_host(client, url)
+        await scan(client, host)
+    first = await client.get("/stray-files", params={"host_uuid": host, "limit": 2})
+    rest = await client.get(first.links["next"]["url"])
+    strays = first.json() + rest.json()
+    assert len(first.json()) == 2 and len(strays) == 3 and "next" not in rest.links
+    assert [stray["uuid"] for stray in strays] == sorted(stray["uuid"] for stray in strays)
+    assert {stray["path"]: stray["vm_known"] for stray in strays} == {
+        str(tmp_path / known): True,
+        str(tmp_path / f"{known}.snapshot-backup"): True,
+        str(tmp_path / "other_VARS.fd"): False,
+    }
+    await refresh_gauges_of(client)
+    every = (await client.get("/stray-files", params={"limit": 1000})).json()
+    assert f"tpm_stray_files {float(len(every))}" in (await client.get("/metrics")).text.splitlines()
+    assert (await client.delete(f"/hosts/{host}")).status_code == 204
+    assert await strays_of(client, host) == {}
+    assert_problem(await client.get("/stray-files", params={"host_uuid": "nope"}), 422)
+
+
+async def refresh_gauges_of(client: httpx.AsyncClient) -> None:
+    """Set the database-backed gauges now, as the worker's periodic refresh does."""
+    async with client.app.state.sessions() as session:  # type: ignore[attr-defined]
+        await refresh_gauges(session)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.service.agent_client import AgentClient, agent_session, agent_ssl_context
-from app.service.api import abandoned, health, hosts, jobs, orphans, tpm, vms
+from app.service.api import abandoned, health, hosts, jobs, orphans, strays, tpm, vms
 from app.service.api.deps import require_token
 from app.service.api.docs import add_offline_docs
 from app.service.api.errors import install_error_handlers, problem_responses
@@ -217,7 +217,7 @@ def create_app(
     app.include_router(health.router)
     add_offline_docs(app)
     protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 403, 503))
-    for module in (hosts, vms, tpm, jobs, orphans, abandoned):
+    for module in (hosts, vms, tpm, jobs, orphans, abandoned, strays):
         protected.include_router(module.router)
     app.include_router(protected)
     return app

@@ -278,6 +278,21 @@ class AbandonedFileOut(_UnconfirmedFileOut):
     abandoned_at: UtcTime
 
 
+class StrayFileOut(BaseModel):
+    """Something a host holds that no record names, as the host's last scan found it."""
+
+    uuid: UUID
+    host_uuid: UUID
+    path: str
+    type: FileType
+    vm_uuid: UUID | None = Field(description="The VM its name or libvirt says it belongs to; null when none says")
+    vm_known: bool = Field(description="Whether vm_uuid names a VM of the inventory")
+    bytes: int
+    modified_at: UtcTime
+    first_seen_at: UtcTime
+    last_seen_at: UtcTime
+
+
 class Problem(BaseModel):
     """An RFC 9457 problem answer (application/problem+json)."""
 
