@@ -277,11 +277,16 @@ def start_job(path: str, *, wait: bool, url: str, token: str | None, json_output
         job: Job = answer.json()
         if wait:
             job = follow_job(client, job, answer.headers["ETag"], show=not json_output)
-        if json_output:
-            print_json(job)
-        else:
-            out.print(_summary(job), highlight=False)
+    print_job(job, json_output=json_output)
     raise typer.Exit(exit_status(job) if wait else EXIT_SUCCEEDED)
+
+
+def print_job(job: Job, *, json_output: bool) -> None:
+    """Print a job: as JSON for scripts, else its one-line summary."""
+    if json_output:
+        print_json(job)
+    else:
+        out.print(_summary(job), highlight=False)
 
 
 def list_jobs(
@@ -448,10 +453,7 @@ def scan_host(
     with service_client(url, token) as client:
         answer = call(client, "POST", f"/hosts/{host_uuid}/scan")
         job = follow_job(client, answer.json(), answer.headers["ETag"], show=not json_output)
-    if json_output:
-        print_json(job)
-    else:
-        out.print(_summary(job), highlight=False)
+    print_job(job, json_output=json_output)
     if job["state"] != "succeeded" or any(host["state"] != "scanned" for host in job["hosts"]):
         raise typer.Exit(EXIT_FAILED)
     raise typer.Exit(EXIT_STRAYS if job["strays"] else EXIT_SUCCEEDED)
