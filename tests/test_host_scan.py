@@ -18,6 +18,7 @@ import httpx
 from aiohttp import web
 from sqlalchemy import text
 
+from app.agent.libvirt import Libvirt
 from app.agent.server import answer, create_agent_app
 from app.protocol import MAX_SCAN_ENTRIES, SCAN_PATH, DeleteFailed, ScanEntry
 from app.service.metrics import refresh_gauges
@@ -25,6 +26,7 @@ from tests.agent_helpers import Handler, running_agent, running_app
 from tests.conftest import AppFactory
 from tests.inventory_helpers import add_file, put_host, put_vm, remove_tpm, wait_for_job
 from tests.problem_helpers import assert_problem
+from tests.real_libvirt import LibvirtDaemon, secret_path
 
 DEAD_AGENT = "http://127.0.0.1:9"
 MIN_AGE_SECONDS = 600
@@ -257,3 +259,22 @@ async def refresh_gauges_of(client: httpx.AsyncClient) -> None:
     """Set the database-backed gauges now, as the worker's periodic refresh does."""
     async with client.app.state.sessions() as session:  # type: ignore[attr-defined]
         await refresh_gauges(session)
+
+
+async def test_a_vtpm_secret_no_record_names_is_a_stray_and_a_recorded_one_is_not(
+    make_client: AppFactory, libvirtd: LibvirtDaemon, tmp_path: Path
+) -> None:
+    client = await make_client(stray_min_age_seconds=0)
+    vm = await put_vm(client)
+    left, recorded = await libvirtd.define_secret(), await libvirtd.define_secret()
+    await libvirtd.define_secret(usage="volume")
+    async with running_app(create_agent_app(tmp_path, libvirt=Libvirt(uri=libvirtd.uri))) as url:
+        host = await put_host(client, url)
+        await add_file(client, vm, host, secret_path(recorded), type="Secret")
+        job = await scan(client, host)
+    strays = await strays_of(client, host)
+    assert job["hosts"][0]["state"] == "scanned" and job["hosts"][0]["files"] == 2
+    assert set(strays) == {secret_path(left)}
+    assert (strays[secret_path(left)]["type"], strays[secret_path(left)]["vm_known"]) == ("Secret", False)
+    # A scan undefines nothing.
+    assert await libvirtd.is_defined(left) and await libvirtd.is_defined(recorded)
