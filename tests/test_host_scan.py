@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from app.agent.libvirt import Libvirt
 from app.agent.server import answer, create_agent_app
-from app.protocol import MAX_SCAN_ENTRIES, SCAN_PATH, DeleteFailed, ScanEntry
+from app.protocol import DELETE_PATH, MAX_SCAN_ENTRIES, SCAN_PATH, DeleteFailed, ScanEntry
 from app.service.metrics import refresh_gauges
 from tests.agent_helpers import Handler, running_agent, running_app
 from tests.conftest import AppFactory
@@ -278,3 +278,49 @@ async def test_a_vtpm_secret_no_record_names_is_a_stray_and_a_recorded_one_is_no
     assert (strays[secret_path(left)]["type"], strays[secret_path(left)]["vm_known"]) == ("Secret", False)
     # A scan undefines nothing.
     assert await libvirtd.is_defined(left) and await libvirtd.is_defined(recorded)
+
+
+async def test_a_file_that_an_orphan_or_an_abandoned_file_names_is_no_stray(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    client = await make_client(stray_min_age_seconds=MIN_AGE_SECONDS)
+    vm = await put_vm(client)
+    state = tmp_path / vm
+    state.mkdir()
+    (tmp_path / "other.fd").write_bytes(b"")
+    aged(tmp_path / "other.fd")
+    async with agent_refusing_deletes(tmp_path) as url:
+        host = await put_host(client, url)
+        await add_file(client, vm, host, state)
+        aged(state)
+        assert (await remove_tpm(client, vm))["orphan_files"] == 1
+        while_orphan = await strays_of_scan(client, host)
+        gone = await client.delete(f"/hosts/{host}", params={"abandon_orphans": "true"})
+        assert gone.status_code == 204, gone.text
+        again = await client.put(f"/hosts/{host}", json={"name": "kvm", "agent_url": url})
+        assert again.status_code == 201, again.text
+        while_abandoned = await strays_of_scan(client, host)
+    assert set(while_orphan) == set(while_abandoned) == {str(tmp_path / "other.fd")}
+    assert state.exists()
+
+
+async def strays_of_scan(client: httpx.AsyncClient, host: str) -> dict[str, dict[str, Any]]:
+    """Scan the host, then its stray list by path."""
+    assert (await scan(client, host))["hosts"][0]["state"] == "scanned"
+    return await strays_of(client, host)
+
+
+@asynccontextmanager
+async def agent_refusing_deletes(tmp_path: Path) -> AsyncIterator[str]:
+    """The shipped agent, refusing every delete (as one that finds the files in use does) but scanning; its URL."""
+
+    @web.middleware
+    async def refuse(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == DELETE_PATH:
+            return answer(DeleteFailed(error="in use: held by a test"))
+        return await handler(request)
+
+    app = create_agent_app(tmp_path, libvirt=None)
+    app.middlewares.append(refuse)
+    async with running_app(app) as url:
+        yield url
