@@ -29,6 +29,8 @@ SECRETS_FOLDER = Path("/etc/libvirt/secrets")
 # The listing stops, truncated, after this long: libvirt's questions (VIRSH_TIMEOUT_SECONDS) and this together stay
 # well under the service's AGENT_TIMEOUT_SECONDS (10 s).
 SCAN_BUDGET_SECONDS = 5.0
+# The NVRAM image libvirt makes for a domain whose definition names none: `<nvram dir>/<name>_VARS.fd`.
+_DEFAULT_NVRAM = "{name}_VARS.fd"
 _ANY_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 
 
@@ -65,13 +67,16 @@ def _scan(roots: Sequence[Path], view: HostView, deadline: float) -> ScanSucceed
     """The listing itself, stopped at MAX_SCAN_ENTRIES or the deadline. Blocking: a worker thread's."""
     entries: list[ScanEntry] = []
     owners = {os.path.realpath(path): domain.uuid for domain in view.defined for path in domain.paths}
+    # A shut-off domain whose firmware libvirt picks names no NVRAM in its definition until it starts again; its
+    # image is the one libvirt names after it.
+    named = {_DEFAULT_NVRAM.format(name=domain.name): domain.uuid for domain in view.defined}
     try:
         for root in roots:
             with os.scandir(root) as children:
                 for child in children:
                     if len(entries) == MAX_SCAN_ENTRIES or time.monotonic() > deadline:
                         return ScanSucceeded(truncated=True, entries=entries)
-                    entries.append(_root_child(root, child, view.active, owners, deadline))
+                    entries.append(_root_child(root, child, view.active, owners, named, deadline))
         for secret in view.secrets:
             if len(entries) == MAX_SCAN_ENTRIES:
                 return ScanSucceeded(truncated=True, entries=entries)
@@ -82,11 +87,16 @@ def _scan(roots: Sequence[Path], view: HostView, deadline: float) -> ScanSucceed
 
 
 def _root_child(
-    root: Path, child: os.DirEntry[str], active: Sequence[ActiveDomain], owners: dict[str, str], deadline: float
+    root: Path,
+    child: os.DirEntry[str],
+    active: Sequence[ActiveDomain],
+    owners: dict[str, str],
+    named: dict[str, str],
+    deadline: float,
 ) -> ScanEntry:
     """A root's direct child as a scan lists it: a directory as a `TpmState`, anything else as an `NvRam`.
 
-    `owners` says which domain's NVRAM each image (by its real path) is.
+    `owners` says which domain's NVRAM each image (by its real path) is; `named`, whose default image name it bears.
     """
     status = child.stat(follow_symlinks=False)
     kind: FileType
@@ -96,7 +106,7 @@ def _root_child(
         kind, size, modified = "NvRam", status.st_size, status.st_mtime
     vm_uuid = uuid_in_name(child.name)
     if vm_uuid is None and kind == "NvRam":
-        vm_uuid = owners.get(os.path.realpath(child.path))
+        vm_uuid = owners.get(os.path.realpath(child.path), named.get(child.name))
     confined = ConfinedPath(path=child.path, root=root, parts=(child.name,))
     return ScanEntry(
         path=child.path,
