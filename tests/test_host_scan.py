@@ -267,14 +267,15 @@ async def test_a_vtpm_secret_no_record_names_is_a_stray_and_a_recorded_one_is_no
     client = await make_client(stray_min_age_seconds=0)
     vm = await put_vm(client)
     left, recorded = await libvirtd.define_secret(), await libvirtd.define_secret()
-    await libvirtd.define_secret(usage="volume")
+    volume = await libvirtd.define_secret(usage="volume")
     async with running_app(create_agent_app(tmp_path, libvirt=Libvirt(uri=libvirtd.uri))) as url:
         host = await put_host(client, url)
         await add_file(client, vm, host, secret_path(recorded), type="Secret")
         job = await scan(client, host)
     strays = await strays_of(client, host)
-    assert job["hosts"][0]["state"] == "scanned" and job["hosts"][0]["files"] == 2
-    assert set(strays) == {secret_path(left)}
+    assert job["hosts"][0]["state"] == "scanned"
+    # The libvirtd may know secrets that other tests left on this machine: only these three are this test's.
+    assert secret_path(left) in strays and secret_path(recorded) not in strays and secret_path(volume) not in strays
     assert (strays[secret_path(left)]["type"], strays[secret_path(left)]["vm_known"]) == ("Secret", False)
     # A scan undefines nothing.
     assert await libvirtd.is_defined(left) and await libvirtd.is_defined(recorded)
