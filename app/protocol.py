@@ -7,13 +7,15 @@ pydantic and the standard library, since the agent runs on every KVM host.
 
 import re
 import ssl
+from datetime import datetime
 from typing import Annotated, Literal, get_args
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-# The operation the service calls on every host, and the agent's liveness check.
+# The operations the service calls on every host, and the agent's liveness check.
 DELETE_PATH = "/host-files/delete"
+SCAN_PATH = "/host-files/scan"
 HEALTH_PATH = "/healthz"
 
 # A path type names a file or directory under the agent's roots; a `Secret`, the libvirt secret whose definition file
@@ -30,6 +32,8 @@ _SECRET_FILE_NAME = re.compile(SECRET_FILE_NAME_PATTERN)
 
 # A recorded path is bounded to PATH_MAX: a longer one cannot name a file on a host.
 MAX_PATH_BYTES = 4096
+# Most entries a scan answer lists: a host's vTPM files are a few per VM, so more says the roots hold something else.
+MAX_SCAN_ENTRIES = 10_000
 # A request lists one VM's files on one host: a handful in practice, but a few thousand paths must fit.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
@@ -71,6 +75,47 @@ class DeleteFailed(_Message):
 
 DeleteAnswer = Annotated[DeleteSucceeded | DeleteFailed, Field(discriminator="success")]
 DELETE_ANSWER: TypeAdapter[DeleteSucceeded | DeleteFailed] = TypeAdapter(DeleteAnswer)
+
+
+class ScanRequest(_Message):
+    """The body of `POST {agent_url}/host-files/scan`: `{}`, nothing to say yet."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+class ScanEntry(_Message):
+    """One thing a host holds that may belong to a vTPM: a root's direct child, or a vTPM secret of its libvirt."""
+
+    path: str
+    type: FileType
+    vm_uuid: UUID | None
+    bytes: int = Field(ge=0)
+    modified_at: datetime
+    in_use: bool
+
+
+class ScanSucceeded(_Message):
+    """What the host holds now; `truncated` says it held more than the entries listed."""
+
+    success: Literal[True] = True
+    truncated: bool
+    entries: list[ScanEntry] = Field(max_length=MAX_SCAN_ENTRIES)
+
+
+# A failed scan says why as a failed delete does.
+ScanAnswer = Annotated[ScanSucceeded | DeleteFailed, Field(discriminator="success")]
+SCAN_ANSWER: TypeAdapter[ScanSucceeded | DeleteFailed] = TypeAdapter(ScanAnswer)
+
+# A name that starts with a VM's UUID: `<uuid>`, `<uuid>.snapshot-backup`, `<uuid>.fd`.
+_NAME_STARTING_WITH_UUID = re.compile(
+    r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?![0-9a-z-])", re.IGNORECASE
+)
+
+
+def uuid_in_name(name: str) -> str | None:
+    """The lowercase UUID a file name starts with, or None."""
+    match = _NAME_STARTING_WITH_UUID.match(name)
+    return match.group(1).lower() if match is not None else None
 
 
 def secret_uuid(path: str) -> str | None:

@@ -42,6 +42,14 @@ def missing_vm_requirement() -> str | None:
     return None
 
 
+TPM_DEVICE = """    <tpm model='tpm-crb'>
+      <backend type='emulator' version='2.0' persistent_state='yes'>
+        <encryption secret='{secret}'/>
+      </backend>
+    </tpm>
+"""
+
+
 class RealVm:
     """One VM of the tests' libvirtd, defined with the given UUID and an encrypted persistent vTPM."""
 
@@ -67,8 +75,9 @@ class RealVm:
         definition = Path(secret_path(self.secret))
         return definition, definition.with_suffix(".base64")
 
-    def definition(self) -> str:
-        """The domain's XML."""
+    def definition(self, *, tpm: bool = True) -> str:
+        """The domain's XML; without its TPM, as a management layer leaves it once it removed the TPM."""
+        devices = TPM_DEVICE.format(secret=self.secret) if tpm else ""
         return f"""<domain type='qemu'>
   <name>{self.name}</name>
   <uuid>{self.uuid}</uuid>
@@ -83,18 +92,13 @@ class RealVm:
   </os>
   <features><acpi/></features>
   <devices>
-    <tpm model='tpm-crb'>
-      <backend type='emulator' version='2.0' persistent_state='yes'>
-        <encryption secret='{self.secret}'/>
-      </backend>
-    </tpm>
-  </devices>
+{devices}  </devices>
 </domain>"""
 
-    async def boot(self) -> None:
-        """Define the VM and start it; once virsh returns, swtpm and QEMU run."""
+    async def boot(self, *, tpm: bool = True) -> None:
+        """Define the VM (with its TPM, or without) and start it; once virsh returns, swtpm and QEMU run."""
         definition = self.libvirtd.folder / f"{self.name}.xml"
-        definition.write_text(self.definition())
+        definition.write_text(self.definition(tpm=tpm))
         await self.libvirtd.virsh("define", str(definition), timeout=START_SECONDS)
         await self.libvirtd.virsh("start", self.name, timeout=START_SECONDS)
 

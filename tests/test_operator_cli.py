@@ -12,7 +12,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
-from app.operator.cli import EXIT_FAILED, EXIT_ORPHANS, EXIT_SUCCEEDED, MAX_PAGE_SIZE, fetch_all
+from app.operator.cli import EXIT_FAILED, EXIT_ORPHANS, EXIT_STRAYS, EXIT_SUCCEEDED, MAX_PAGE_SIZE, fetch_all
 from app.service.commands import cli
 from app.service.db.engine import asyncpg_dsn
 from devtools.local_stack import LocalProcess, free_port, service_process
@@ -36,6 +36,7 @@ def service(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         ORPHAN_RETRY_SECONDS="0.5",
         ORPHAN_RETRY_MAX_SECONDS="1",
         WORKER_POLL_SECONDS="0.2",
+        STRAY_MIN_AGE_SECONDS="0",
     )
     process.start()
     yield process
@@ -347,3 +348,30 @@ async def test_decommission_refused_exits_1_with_the_services_reason(
     assert (await api.get(f"/hosts/{host}")).status_code == 200
     assert unknown.exit_code == EXIT_FAILED
     assert "404" in unknown.stderr and "?" not in unknown.stdout
+
+
+async def test_scan_follows_the_scan_and_strays_lists_them_exiting_3_while_there_are_any(
+    service: LocalProcess, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    full, empty = tmp_path / "full", tmp_path / "empty"
+    full.mkdir()
+    empty.mkdir()
+    (full / "left_VARS.fd").write_bytes(b"")
+    async with running_agent(full) as full_url, running_agent(empty) as empty_url:
+        host, clean = await put_host(api, full_url), await put_host(api, empty_url)
+        scanned = await run_cli("scan", host, url=service.url)
+        clean_scan = await run_cli("scan", clean, "--json", url=service.url)
+    dead_scan = await run_cli("scan", await put_host(api, closed_port_url()), url=service.url)
+    listed = await run_cli("strays", "--host", host, "--json", url=service.url)
+    table = await run_cli("strays", "--host", host, url=service.url)
+    none = await run_cli("strays", "--host", clean, url=service.url)
+
+    assert scanned.exit_code == EXIT_STRAYS, scanned.output
+    assert f"✓ host {host}: 1 entries listed" in scanned.stdout
+    assert "succeeded: 1/1 hosts scanned, 1 stray files listed" in scanned.stdout
+    assert clean_scan.exit_code == EXIT_SUCCEEDED and json.loads(clean_scan.stdout)["strays"] == 0
+    assert dead_scan.exit_code == EXIT_FAILED and "connection refused" in dead_scan.stdout
+    assert listed.exit_code == EXIT_STRAYS
+    assert [stray["path"] for stray in json.loads(listed.stdout)] == [str(full / "left_VARS.fd")]
+    assert table.exit_code == EXIT_STRAYS and "Stray files" in table.stdout and "NvRam" in table.stdout
+    assert none.exit_code == EXIT_SUCCEEDED and "No stray files." in none.stdout

@@ -7,22 +7,28 @@ every file libvirt made for the TPM is gone.
 """
 
 import asyncio
+import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 
 from app.agent.libvirt import Libvirt
 from app.agent.server import create_agent_app
+from app.protocol import SCAN_PATH
+from app.service.settings import Settings
 from devtools.local_stack import wait_until
 from tests.agent_helpers import running_app
-from tests.inventory_helpers import add_file, put_host, put_vm, remove_tpm
+from tests.inventory_helpers import add_file, put_host, put_vm, remove_tpm, wait_for_job
 from tests.lock_holders import is_locked
 from tests.real_libvirt import LibvirtDaemon, secret_path
 from tests.real_parts import require
 from tests.real_vm import NVRAM_ROOT, SWTPM_ROOT, RealVm, missing_vm_requirement
 
+STRAY_MIN_AGE_SECONDS = Settings().stray_min_age_seconds
 # A reset restarts swtpm's TPM; the issue's VM lost it and crashed within two seconds of one.
 AFTER_RESET_SECONDS = 4.0
 
@@ -93,6 +99,7 @@ async def test_a_running_vms_tpm_is_kept_until_it_stops_then_every_file_of_it_go
         assert_refused_in_use(await remove_tpm(client, vm.uuid), vm)
         assert_refused_in_use(await remove_tpm(client, other_vm), vm)
         assert_tpm_files_there(vm)
+        await assert_listed_in_use(url, vm)
         assert await libvirtd.is_defined(vm.secret)
         assert is_locked(vm.state_dir / "tpm2" / ".lock") and is_locked(vm.nvram)
 
@@ -110,6 +117,32 @@ async def test_a_running_vms_tpm_is_kept_until_it_stops_then_every_file_of_it_go
     left = [vm.state_dir, vm.nvram, *vm.secret_files]
     assert [path for path in left if path.exists()] == []
     assert not await libvirtd.is_defined(vm.secret)
+
+    # The VM started again without its TPM: libvirt makes its NVRAM afresh, which no record names; a later scan
+    # (the file aged past STRAY_MIN_AGE_SECONDS by then) finds it a stray of the VM.
+    await vm.boot(tpm=False)
+    await libvirtd.virsh("destroy", vm.name)
+    then = time.time() - 2 * STRAY_MIN_AGE_SECONDS
+    os.utime(vm.nvram, (then, then))
+    async with running_app(agent) as url:
+        scan_host = await put_host(client, url)
+        accepted = await client.post(f"/hosts/{scan_host}/scan")
+        scanned = await wait_for_job(client, accepted.json()["id"])
+    strays = (await client.get("/stray-files", params={"host_uuid": scan_host, "limit": 1000})).json()
+    assert scanned["hosts"][0]["state"] == "scanned", scanned
+    assert [(s["type"], s["vm_uuid"], s["vm_known"]) for s in strays if s["path"] == str(vm.nvram)] == [
+        ("NvRam", vm.uuid, True)
+    ]
+
+
+async def assert_listed_in_use(url: str, running: RealVm) -> None:
+    """The agent's scan lists the running VM's state, NVRAM and secret, each in use: none of them can be a stray."""
+    async with aiohttp.ClientSession() as http, http.post(url + SCAN_PATH, json={}) as answer:
+        listed = {entry["path"]: entry for entry in (await answer.json())["entries"]}
+    paths = [str(running.state_dir), str(running.nvram), secret_path(running.secret)]
+    assert [(listed[path]["in_use"], listed[path]["vm_uuid"]) for path in paths] == [(True, running.uuid)] * 2 + [
+        (True, running.secret)
+    ]
 
 
 async def _no_orphans(client: httpx.AsyncClient, *hosts: str) -> bool:

@@ -258,9 +258,9 @@ async def test_job_api_reads_and_lists_jobs_newest_first(make_client: Any) -> No
     assert answer.status_code == 200 and answer.json() == first and answer.headers["ETag"]
     assert set(first) == {
         "id", "type", "vm_uuid", "tpm_uuid", "state", "created_at", "started_at", "finished_at",
-        "hosts", "orphan_files", "error",
+        "hosts", "orphan_files", "error", "strays",
     }  # fmt: skip
-    assert first["type"] == "remove-tpm" and first["created_at"].endswith("Z")
+    assert first["type"] == "remove-tpm" and first["created_at"].endswith("Z") and first["strays"] is None
     assert (await client.get(f"/jobs/{uuid.uuid4()}")).status_code == 404
     assert (await client.get("/jobs/nope")).status_code == 422
     listed = (await client.get("/jobs", params={"vm_uuid": vm})).json()

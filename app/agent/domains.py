@@ -17,7 +17,7 @@ _NOT_FOUND = "error: failed to get domain"
 
 @dataclass(frozen=True)
 class ActiveDomain:
-    """A domain that is not shut off, and the host files and secrets it uses."""
+    """A libvirt domain and the host files and secrets it uses (`active_domains` lists only those not shut off)."""
 
     uuid: str
     name: str
@@ -26,13 +26,26 @@ class ActiveDomain:
 
 
 async def active_domains(libvirt: Libvirt) -> list[ActiveDomain]:
-    """Every active domain of the host's libvirt with what it uses; LibvirtError when libvirt cannot tell.
+    """Every active domain of the host's libvirt with what it uses; LibvirtError when libvirt cannot tell."""
+    return await _listed_domains(libvirt)
+
+
+async def defined_domains(libvirt: Libvirt) -> list[ActiveDomain]:
+    """Every domain of the host's libvirt, shut off too, with what it would use; LibvirtError when it cannot tell.
+
+    A scan names the VM of an NVRAM image by it, whether the VM runs or not.
+    """
+    return await _listed_domains(libvirt, "--all")
+
+
+async def _listed_domains(libvirt: Libvirt, *flags: str) -> list[ActiveDomain]:
+    """The domains `virsh list` gives with `flags`, with what each uses.
 
     The whole listing is bounded by the one time bound of a virsh call, so that it fits the agent's budget.
     """
     try:
         async with asyncio.timeout(libvirt.timeout_seconds):
-            listed = await run_virsh(libvirt, "list", "--uuid") or ""
+            listed = await run_virsh(libvirt, "list", "--uuid", *flags) or ""
             limit = asyncio.Semaphore(VIRSH_CONCURRENCY)
             uuids = [line.strip() for line in listed.splitlines() if line.strip()]
             definitions = await asyncio.gather(*(_definition(libvirt, uuid, limit) for uuid in uuids))

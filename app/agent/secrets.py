@@ -8,6 +8,7 @@ other (a volume's LUKS key, say) is refused as a whole.
 """
 
 import asyncio
+import re
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from app.protocol import secret_uuid
 # in the C locale that every call runs in.
 _NOT_FOUND = "error: Secret not found"
 _VTPM_USAGE = "vtpm"
+# A line of `virsh secret-list`: the secret's UUID, its usage type and the usage's name ("... vtpm VTPM_<uuid>").
+_LISTED_SECRET = re.compile(r"\s*([0-9a-f-]{36})\s+(\S+)\s*(.*)")
 
 
 @dataclass
@@ -83,6 +86,25 @@ async def undefine_secrets(libvirt: Libvirt, plan: SecretPlan) -> DeleteOutcome:
         else:
             outcome.missing.append(path)
     return outcome
+
+
+@dataclass(frozen=True)
+class VtpmSecret:
+    """A secret of libvirt whose usage is `vtpm`, and the name its usage gives it."""
+
+    uuid: str
+    usage_name: str
+
+
+async def vtpm_secrets(libvirt: Libvirt) -> list[VtpmSecret]:
+    """Every secret of the host's libvirt whose usage is `vtpm`; LibvirtError when libvirt cannot tell."""
+    listed = await run_virsh(libvirt, "secret-list") or ""
+    secrets = []
+    for line in listed.splitlines():
+        match = _LISTED_SECRET.fullmatch(line)
+        if match is not None and match.group(2) == _VTPM_USAGE:
+            secrets.append(VtpmSecret(uuid=match.group(1), usage_name=match.group(3).strip()))
+    return secrets
 
 
 async def _usage(libvirt: Libvirt, uuid: str, limit: asyncio.Semaphore) -> str | None:

@@ -13,28 +13,35 @@ import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from app.agent.confinement import ConfinedPath, PathRefused, confine_paths, delete_confined, real_roots
 from app.agent.domains import ActiveDomain, active_domains
 from app.agent.in_use import UsageUnknown, in_use
 from app.agent.libvirt import NO_LIBVIRT_URI, Libvirt, LibvirtError
 from app.agent.outcome import DeleteOutcome
+from app.agent.scan import scan_host
 from app.agent.secrets import SecretPlan, plan_secrets, undefine_secrets
 from app.agent.tracing import log_trace_ids
 from app.protocol import (
     DELETE_PATH,
     HEALTH_PATH,
     MAX_REQUEST_BYTES,
+    SCAN_PATH,
     DeleteFailed,
     DeleteRequest,
     DeleteSucceeded,
+    ScanRequest,
+    ScanSucceeded,
     describe_invalid,
 )
 
 logger = logging.getLogger(__name__)
+
+Message = TypeVar("Message", bound=BaseModel)
 
 _ROOTS_KEY: web.AppKey[tuple[Path, ...]] = web.AppKey("roots")
 _TOKEN_KEY = web.AppKey("token", str)
@@ -55,6 +62,7 @@ def create_agent_app(*roots: Path, libvirt: Libvirt | None, token: str | None = 
     if token is not None:
         app[_TOKEN_KEY] = token
     app.router.add_post(DELETE_PATH, delete_host_files)
+    app.router.add_post(SCAN_PATH, scan_host_files)
     app.router.add_get(HEALTH_PATH, healthz)
     return app
 
@@ -102,27 +110,16 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def answer(message: DeleteSucceeded | DeleteFailed, status: int = 200) -> web.Response:
+def answer(message: DeleteSucceeded | DeleteFailed | ScanSucceeded, status: int = 200) -> web.Response:
     """An answer of the protocol, as the agent (and the test agents standing in for it) sends it."""
     return web.Response(text=message.model_dump_json(), status=status, content_type="application/json")
 
 
 async def delete_host_files(request: web.Request) -> web.Response:
     """Delete the requested files of one VM, all or nothing as far as the path checks go."""
-    expected_token = request.app.get(_TOKEN_KEY)
-    if expected_token is not None and not _bearer_matches(request, expected_token):
-        logger.warning("delete refused reason=unauthorized remote=%s", request.remote)
-        return answer(DeleteFailed(error="unauthorized"), status=401)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return answer(DeleteFailed(error="request body too large"), status=413)
-    try:
-        delete = DeleteRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        reason = describe_invalid(exc)
-        logger.warning("delete rejected reason=bad_request error=%r", reason)
-        return answer(DeleteFailed(error=f"bad request: {reason}"), status=400)
+    delete = await _parsed(request, DeleteRequest, "delete")
+    if isinstance(delete, web.Response):
+        return delete
     vm_uuid = delete.vm_uuid
     count = len({f.path for f in delete.files})
     try:
@@ -151,6 +148,42 @@ async def delete_host_files(request: web.Request) -> web.Response:
         len(outcome.missing),
     )
     return answer(DeleteSucceeded(deleted=outcome.deleted, missing=outcome.missing))
+
+
+async def scan_host_files(request: web.Request) -> web.Response:
+    """List what the host holds that may belong to a vTPM, and delete nothing."""
+    scan = await _parsed(request, ScanRequest, "scan")
+    if isinstance(scan, web.Response):
+        return scan
+    roots = request.app[_ROOTS_KEY]
+    try:
+        listed = await scan_host(roots, request.app[_LIBVIRT_KEY])
+    except LibvirtError as error:
+        logger.error("scan failed error=%r", str(error))
+        return answer(DeleteFailed(error=f"cannot ask libvirt: {error}"))
+    except OSError as error:
+        logger.error("scan failed error=%r", str(error))
+        return answer(DeleteFailed(error=f"cannot list the roots: {error.strerror or error}"))
+    logger.info("host scanned entries=%d truncated=%s", len(listed.entries), listed.truncated)
+    return answer(listed)
+
+
+async def _parsed(request: web.Request, model: type[Message], operation: str) -> Message | web.Response:
+    """The request's body as `model`, or the answer that refuses it: unauthorized, too large, or malformed."""
+    expected_token = request.app.get(_TOKEN_KEY)
+    if expected_token is not None and not _bearer_matches(request, expected_token):
+        logger.warning("%s refused reason=unauthorized remote=%s", operation, request.remote)
+        return answer(DeleteFailed(error="unauthorized"), status=401)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return answer(DeleteFailed(error="request body too large"), status=413)
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        reason = describe_invalid(exc)
+        logger.warning("%s rejected reason=bad_request error=%r", operation, reason)
+        return answer(DeleteFailed(error=f"bad request: {reason}"), status=400)
 
 
 def _bearer_matches(request: web.Request, token: str) -> bool:

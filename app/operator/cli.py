@@ -43,6 +43,14 @@ EXIT_STATUS_HELP = (
     "the call or could not be reached. Without --wait: 0 once the job is accepted."
 )
 
+# Like `nova-manage placement audit`: cron can alert on it.
+EXIT_STRAYS = 3
+STRAYS_EXIT_HELP = (
+    "Exit status: 0 no stray files; 3 stray files were found; 1 the scan failed or could not reach its host, or the "
+    "service refused the call or could not be reached."
+)
+SCAN_JOB = "scan-host"
+
 FINAL_STATES = frozenset({"succeeded", "failed"})
 HEALTH_STATES = ("ok", "failing")
 # What a succeeded job of each type did, for its summary line.
@@ -184,7 +192,7 @@ def follow_job(client: httpx.Client, job: Job, etag: str, *, show: bool) -> Job:
             done = [host for host in hosts if host["state"] != "pending"]
             for host in done:
                 if host["host_uuid"] not in reported and show:
-                    progress.console.print(_host_outcome(host), highlight=False)
+                    progress.console.print(_host_outcome(job["type"], host), highlight=False)
                 reported.add(host["host_uuid"])
             progress.update(
                 task,
@@ -199,8 +207,14 @@ def follow_job(client: httpx.Client, job: Job, etag: str, *, show: bool) -> Job:
                 job, etag = answer.json(), answer.headers["ETag"]
 
 
-def _host_outcome(host: dict[str, Any]) -> str:
+def _host_outcome(job_type: str, host: dict[str, Any]) -> str:
     files = f"{host['files']} file{'s' if host['files'] != 1 else ''}"
+    if job_type == SCAN_JOB:
+        if host["state"] == "scanned":
+            return f"  [green]✓[/green] host {host['host_uuid']}: {host['files']} entries listed"
+        return (
+            f"  [red]✗[/red] host {host['host_uuid']}: {escape(host['error'] or '')} (its stray list stays as it was)"
+        )
     if host["state"] == "deleted":
         return f"  [green]✓[/green] host {host['host_uuid']}: {files} deleted"
     return f"  [red]✗[/red] host {host['host_uuid']}: {escape(host['error'] or '')} ({files} kept as orphans, retried)"
@@ -212,6 +226,11 @@ def _summary(job: Job) -> str:
         return f"job {job['id']} {state}: {escape(job['error'] or '')}"
     if job["state"] != "succeeded":
         return f"job {job['id']} {state}; follow it with --wait or GET /jobs/{job['id']}?wait=30"
+    if job["type"] == SCAN_JOB:
+        scanned = sum(host["state"] == "scanned" for host in job["hosts"])
+        return (
+            f"job {job['id']} {state}: {scanned}/{len(job['hosts'])} hosts scanned, {job['strays']} stray files listed"
+        )
     deleted = sum(host["state"] == "deleted" for host in job["hosts"])
     line = f"job {job['id']} {state}: {_DONE[job['type']]}, {deleted}/{len(job['hosts'])} hosts confirmed"
     if job["orphan_files"]:
@@ -258,11 +277,16 @@ def start_job(path: str, *, wait: bool, url: str, token: str | None, json_output
         job: Job = answer.json()
         if wait:
             job = follow_job(client, job, answer.headers["ETag"], show=not json_output)
-        if json_output:
-            print_json(job)
-        else:
-            out.print(_summary(job), highlight=False)
+    print_job(job, json_output=json_output)
     raise typer.Exit(exit_status(job) if wait else EXIT_SUCCEEDED)
+
+
+def print_job(job: Job, *, json_output: bool) -> None:
+    """Print a job: as JSON for scripts, else its one-line summary."""
+    if json_output:
+        print_json(job)
+    else:
+        out.print(_summary(job), highlight=False)
 
 
 def list_jobs(
@@ -419,6 +443,53 @@ def show_hosts(
     out.print(table if rows else "No hosts.")
 
 
+def scan_host(
+    host_uuid: Annotated[UUID, typer.Argument(help="The host to scan", show_default=False)],
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Scan a host for stray files and follow the scan to its end; list them with `strays --host`."""
+    with service_client(url, token) as client:
+        answer = call(client, "POST", f"/hosts/{host_uuid}/scan")
+        job = follow_job(client, answer.json(), answer.headers["ETag"], show=not json_output)
+    print_job(job, json_output=json_output)
+    if job["state"] != "succeeded" or any(host["state"] != "scanned" for host in job["hosts"]):
+        raise typer.Exit(EXIT_FAILED)
+    raise typer.Exit(EXIT_STRAYS if job["strays"] else EXIT_SUCCEEDED)
+
+
+def list_strays(
+    host: Annotated[
+        UUID | None, typer.Option("--host", help="Only the strays of this host", show_default=False)
+    ] = None,
+    limit: LimitOption = 100,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List stray files: what hosts hold that no record names, as their last scans found it. Nothing is deleted."""
+    with service_client(url, token) as client:
+        rows = fetch_all(client, "/stray-files", {"host_uuid": str(host)} if host else {}, limit)
+    if json_output:
+        print_json(rows)
+    else:
+        table = Table("path", "host", "type", "vm", "vm known", "bytes", "modified", "first seen", title="Stray files")
+        for stray in rows:
+            table.add_row(
+                stray["path"],
+                stray["host_uuid"],
+                stray["type"],
+                stray["vm_uuid"] or "",
+                "yes" if stray["vm_known"] else "no",
+                str(stray["bytes"]),
+                _when(stray["modified_at"]),
+                _when(stray["first_seen_at"]),
+            )
+        out.print(table if rows else "No stray files.")
+    raise typer.Exit(EXIT_STRAYS if rows else EXIT_SUCCEEDED)
+
+
 def _when(value: str) -> str:
     """An RFC 3339 time as `YYYY-MM-DD HH:MM:SS` (UTC), short enough for a table column."""
     return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
@@ -432,3 +503,5 @@ def register(cli: typer.Typer) -> None:
     cli.command("orphans")(list_orphans)
     cli.command("decommission")(decommission_host)
     cli.command("hosts")(show_hosts)
+    cli.command("scan", epilog=STRAYS_EXIT_HELP)(scan_host)
+    cli.command("strays", epilog=STRAYS_EXIT_HELP)(list_strays)

@@ -1,4 +1,4 @@
-"""Client for the host-agent protocol: asks one host's agent to delete a VM's files.
+"""Client for the host-agent protocol: asks one host's agent to delete a VM's files, or what the host holds.
 
 Every way a host can misbehave (refuse, err, hang, drop the connection, answer nonsense, fail TLS) comes
 back as a `HostDeleteResult` with `ok=False` and a short reason, never as an exception, because the
@@ -12,23 +12,28 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from app.protocol import (
     DELETE_ANSWER,
     DELETE_PATH,
     HEALTH_PATH,
+    MAX_SCAN_ENTRIES,
+    SCAN_ANSWER,
+    SCAN_PATH,
     DeleteFailed,
     DeleteRequest,
     FileToDelete,
+    ScanEntry,
+    ScanRequest,
     describe_file_error,
     describe_invalid,
 )
@@ -41,9 +46,11 @@ __all__ = [
     "FileToDelete",
     "HostContact",
     "HostDeleteResult",
+    "HostScanResult",
     "agent_session",
     "agent_ssl_context",
     "not_called",
+    "not_scanned",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +60,8 @@ logger = logging.getLogger(__name__)
 _MIN_ANSWER_LIMIT = 1024 * 1024
 _ANSWER_LIMIT_FACTOR = 4
 _READ_CHUNK = 64 * 1024
+# A scan answer lists at most MAX_SCAN_ENTRIES entries; a kilobyte each leaves room for long paths.
+_SCAN_ANSWER_LIMIT = MAX_SCAN_ENTRIES * 1024
 
 # How many unconfirmed paths a reason names before it summarises the rest, so that the reason
 # stays short enough for a log line and the job's `error` column.
@@ -87,17 +96,46 @@ class HostDeleteResult:
 class _CallFailed(Exception):
     """Ends one call early with the outcome label and reason that the result and metrics carry."""
 
-    def __init__(self, outcome: Outcome, reason: str) -> None:
+    def __init__(self, outcome: Outcome, reason: str, status: int | None = None) -> None:
         super().__init__(reason)
         self.outcome: Outcome = outcome
         self.reason = reason
+        self.status = status
+        """The HTTP status of an answer other than 200; None when there was none."""
+
+
+@dataclass(frozen=True)
+class HostScanResult:
+    """What one host's scan call came to."""
+
+    ok: bool
+    """True only for a 200 with success:true that validates (at most MAX_SCAN_ENTRIES entries)."""
+    entries: list[ScanEntry]
+    truncated: bool
+    error: str | None
+    contact: HostContact
+
+
+_Answer = TypeVar("_Answer")
+_Result = TypeVar("_Result", HostDeleteResult, HostScanResult)
+
+# What an agent older than the scan answers it: it has no such operation.
+_OLDER_AGENT_STATUSES = frozenset({404})
 
 
 def not_called(failing_since: datetime, last_error: str | None) -> HostDeleteResult:
     """The result of a call that was not sent because its host is failing (since when, why); its files stay."""
+    return _failure(_not_called_reason(failing_since, last_error), "not_called")
+
+
+def not_scanned(failing_since: datetime, last_error: str | None) -> HostScanResult:
+    """The result of a scan that was not sent because its host is failing (since when, why)."""
+    return _scan_failure(_not_called_reason(failing_since, last_error), "not_called")
+
+
+def _not_called_reason(failing_since: datetime, last_error: str | None) -> str:
     since = failing_since.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    reason = f"host failing since {since} ({last_error or 'no answer'}); not called"
-    return HostDeleteResult(ok=False, deleted=[], missing=[], error=reason, contact="not_called")
+    return f"host failing since {since} ({last_error or 'no answer'}); not called"
 
 
 @dataclass
@@ -226,7 +264,57 @@ class AgentClient:
         lane when the agent leaves another call unanswered is not sent at all (contact "not_called").
         """
         self.warn_if_plain_http(agent_url)
-        lane_key = agent_url if host_uuid is None else host_uuid
+        url = agent_url.rstrip("/") + DELETE_PATH
+        body = DeleteRequest(vm_uuid=vm_uuid, files=list(files)).model_dump_json().encode()
+        requested = [f.path for f in files]
+        result = await self._through_lane(
+            agent_url if host_uuid is None else host_uuid,
+            lambda: self._send(url, body, lambda raw: _interpret_answer(raw, requested), _failure),
+            not_called,
+        )
+        logger.debug(
+            "agent call done vm_uuid=%s agent_url=%s count=%d contact=%s error=%s",
+            vm_uuid,
+            agent_url,
+            len(files),
+            result.contact,
+            result.error,
+        )
+        return result
+
+    async def scan(self, agent_url: str, *, host_uuid: uuid.UUID) -> HostScanResult:
+        """Ask the agent at `agent_url` what its host holds (`POST /host-files/scan`); never raises but on
+        cancellation.
+
+        It goes through the host's lane and is bounded as a delete call is. An agent that answers 404 is an older
+        agent that cannot scan: that is an answer (contact "answered"), and the result says so.
+        """
+        self.warn_if_plain_http(agent_url)
+        url = agent_url.rstrip("/") + SCAN_PATH
+        body = ScanRequest().model_dump_json().encode()
+        result = await self._through_lane(
+            host_uuid,
+            lambda: self._send(
+                url,
+                body,
+                _interpret_scan,
+                _scan_failure,
+                answered_statuses=_OLDER_AGENT_STATUSES,
+                answer_limit=_SCAN_ANSWER_LIMIT,
+            ),
+            not_scanned,
+        )
+        logger.debug("agent scan done agent_url=%s contact=%s error=%s", agent_url, result.contact, result.error)
+        return result
+
+    async def _through_lane(
+        self,
+        lane_key: str | uuid.UUID,
+        send: Callable[[], Awaitable[_Result]],
+        not_sent: Callable[[datetime, str | None], _Result],
+    ) -> _Result:
+        """Send one call through the lane of `lane_key` (a host, or an agent URL); `not_sent` makes the result of a
+        call not sent because the agent left another call unanswered while this one queued."""
         lane = self._lanes.get(lane_key)
         if lane is None:
             lane = self._lanes[lane_key] = _HostLane(asyncio.Semaphore(self._host_concurrency))
@@ -239,8 +327,8 @@ class AgentClient:
                     and lane.unanswered_at is not None
                     and lane.unanswered_at > queued_at
                 ):
-                    return not_called(lane.unanswered_since, lane.unanswered_error)
-                result = await self._call(agent_url, vm_uuid, files)
+                    return not_sent(lane.unanswered_since, lane.unanswered_error)
+                result = await send()
             if result.contact == "answered":
                 lane.unanswered_at = lane.unanswered_since = None
             else:
@@ -253,55 +341,56 @@ class AgentClient:
             if not lane.users:
                 del self._lanes[lane_key]
 
-    async def _call(self, agent_url: str, vm_uuid: uuid.UUID, files: Sequence[FileToDelete]) -> HostDeleteResult:
-        """Send one delete call in one of the process's slots; its result."""
-        url = agent_url.rstrip("/") + DELETE_PATH
-        body = DeleteRequest(vm_uuid=vm_uuid, files=list(files)).model_dump_json().encode()
-        requested = [f.path for f in files]
+    async def _send(
+        self,
+        url: str,
+        body: bytes,
+        interpret: Callable[[bytes], _Result],
+        failure: Callable[[str, HostContact], _Result],
+        answered_statuses: frozenset[int] = frozenset(),
+        answer_limit: int | None = None,
+    ) -> _Result:
+        """Send one call in one of the process's slots, bounded by the timeout; its result, and its metrics.
+
+        An answer longer than `answer_limit` bytes (by default, a few times the request's) fails the call.
+        A status in `answered_statuses` is an answer that fails the call, not a host that did not answer.
+        """
+        if answer_limit is None:
+            answer_limit = max(_MIN_ANSWER_LIMIT, _ANSWER_LIMIT_FACTOR * len(body))
         async with self._slots:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._timeout_seconds):
-                    answer = await self._post(url, body)
+                    answer = await self._post(url, body, answer_limit)
             except TimeoutError:
                 outcome: Outcome = "timeout"
-                result = _failure(f"timeout after {self._timeout_seconds:g}s", "unanswered")
-            except _CallFailed as failure:
-                outcome = failure.outcome
-                result = _failure(failure.reason, "unanswered")
+                result = failure(f"timeout after {self._timeout_seconds:g}s", "unanswered")
+            except _CallFailed as failed:
+                outcome = failed.outcome
+                result = failure(failed.reason, "answered" if failed.status in answered_statuses else "unanswered")
             else:
                 try:
-                    result = _interpret_answer(answer, requested)
+                    result = interpret(answer)
                     outcome = "ok"
-                except _CallFailed as failure:
-                    outcome = failure.outcome
-                    result = _failure(failure.reason, "answered")
+                except _CallFailed as failed:
+                    outcome = failed.outcome
+                    result = failure(failed.reason, "answered")
             AGENT_CALL_DURATION.observe(time.perf_counter() - started)
         AGENT_CALLS_TOTAL.labels(outcome=outcome).inc()
-        logger.debug(
-            "agent call done vm_uuid=%s agent_url=%s count=%d outcome=%s contact=%s error=%s",
-            vm_uuid,
-            agent_url,
-            len(files),
-            outcome,
-            result.contact,
-            result.error,
-        )
         return result
 
-    async def _post(self, url: str, body: bytes) -> bytes:
-        """Send the request and return the body of a 200 answer, or raise _CallFailed."""
+    async def _post(self, url: str, body: bytes, limit: int) -> bytes:
+        """Send the request and return the body of a 200 answer of at most `limit` bytes, or raise _CallFailed."""
         headers = {"Content-Type": "application/json"}
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token}"
         inject_trace_context(headers)
-        limit = max(_MIN_ANSWER_LIMIT, _ANSWER_LIMIT_FACTOR * len(body))
         try:
             # The caller's asyncio.timeout is the call's one timer. No redirect is followed: it would carry the
             # bearer token to another address.
             async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
                 if response.status != 200:
-                    raise _CallFailed("failed", await _http_error_reason(response, limit))
+                    raise _CallFailed("failed", await _http_error_reason(response, limit), response.status)
                 raw = await _read_limited(response, limit)
         except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
             raise _CallFailed("unreachable", f"invalid agent URL: {exc}") from exc
@@ -334,7 +423,7 @@ class AgentClient:
         without a word. A disconnect alone could also be an agent going away, so it is told apart by asking the
         agent's health check on a connection of its own; this costs a call only on this failure path.
         """
-        probe = url.removesuffix(DELETE_PATH) + HEALTH_PATH
+        probe = url.removesuffix(DELETE_PATH).removesuffix(SCAN_PATH) + HEALTH_PATH
         try:
             async with self._session.get(probe, headers={"Connection": "close"}, allow_redirects=False) as response:
                 await response.read()
@@ -374,14 +463,19 @@ async def _http_error_reason(response: aiohttp.ClientResponse, limit: int) -> st
     return f"{reason}: {_shorten(answer.error)}"
 
 
-def _interpret_answer(raw: bytes, requested: Sequence[str]) -> HostDeleteResult:
-    """Turn a 200 answer into a result, checking it against the protocol and that every requested path is confirmed."""
+def _validated(adapter: TypeAdapter[_Answer], raw: bytes) -> _Answer:
+    """An answer checked against the protocol, or _CallFailed saying what is wrong with it."""
     try:
-        answer = DELETE_ANSWER.validate_json(raw)
+        return adapter.validate_json(raw)
     except ValidationError as exc:
         if any(problem["type"] == "json_invalid" for problem in exc.errors()):
             raise _CallFailed("failed", "invalid JSON") from exc
         raise _CallFailed("failed", f"invalid answer: {_shorten(describe_invalid(exc))}") from exc
+
+
+def _interpret_answer(raw: bytes, requested: Sequence[str]) -> HostDeleteResult:
+    """Turn a 200 answer into a result, checking it against the protocol and that every requested path is confirmed."""
+    answer = _validated(DELETE_ANSWER, raw)
     if isinstance(answer, DeleteFailed):
         raise _CallFailed("failed", f"agent error: {_shorten(answer.error)}")
     confirmed = set(answer.deleted) | set(answer.missing)
@@ -392,6 +486,21 @@ def _interpret_answer(raw: bytes, requested: Sequence[str]) -> HostDeleteResult:
         more = f" (and {rest} more)" if rest > 0 else ""
         raise _CallFailed("failed", f"paths not confirmed: {named}{more}")
     return HostDeleteResult(ok=True, deleted=answer.deleted, missing=answer.missing, error=None, contact="answered")
+
+
+def _interpret_scan(raw: bytes) -> HostScanResult:
+    """Turn a 200 answer to a scan into a result, checking it against the protocol."""
+    answer = _validated(SCAN_ANSWER, raw)
+    if isinstance(answer, DeleteFailed):
+        raise _CallFailed("failed", f"agent error: {_shorten(answer.error)}")
+    return HostScanResult(ok=True, entries=answer.entries, truncated=answer.truncated, error=None, contact="answered")
+
+
+def _scan_failure(reason: str, contact: HostContact) -> HostScanResult:
+    """Build the result of a failed scan; an older agent's 404 says that it cannot scan."""
+    if contact == "answered" and reason.startswith("HTTP 404"):
+        reason = f"the agent cannot scan ({reason}): an agent older than the scan"
+    return HostScanResult(ok=False, entries=[], truncated=False, error=reason, contact=contact)
 
 
 def _failure(reason: str, contact: HostContact) -> HostDeleteResult:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.service.agent_client import AgentClient, agent_session, agent_ssl_context
-from app.service.api import abandoned, health, hosts, jobs, orphans, tpm, vms
+from app.service.api import abandoned, health, hosts, jobs, orphans, strays, tpm, vms
 from app.service.api.deps import require_token
 from app.service.api.docs import add_offline_docs
 from app.service.api.errors import install_error_handlers, problem_responses
@@ -33,6 +33,8 @@ from app.service.metrics import GaugeRefresher, HttpMetrics
 from app.service.orphans.reaper import OrphanReaper
 from app.service.removal.run import TPM_REMOVAL, VM_DELETION, Removal
 from app.service.request_id import add_request_ids
+from app.service.scan.periodic import PeriodicScans
+from app.service.scan.run import HostScan
 from app.service.settings import Settings, get_settings
 from app.service.tracing import (
     Tracing,
@@ -99,6 +101,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     removal = partial(Removal, worker_engine, agent, backoff=orphan_backoff)
     worker.handle(JobType.REMOVE_TPM, traced_job(tracing.tracer, removal(scope=TPM_REMOVAL).run))
     worker.handle(JobType.DELETE_VM, traced_job(tracing.tracer, removal(scope=VM_DELETION).run))
+    scan = HostScan(worker_engine, agent, backoff=orphan_backoff, min_age_seconds=settings.stray_min_age_seconds)
+    worker.handle(JobType.SCAN_HOST, traced_job(tracing.tracer, scan.run))
+    if settings.host_scan_interval_seconds > 0:
+        scans = PeriodicScans(
+            worker_engine,
+            interval_seconds=settings.host_scan_interval_seconds,
+            poll_seconds=settings.worker_poll_seconds,
+        )
+        worker.repeat("scan hosts", scans.run_once)
     reaper = OrphanReaper(
         worker_engine,
         agent,
@@ -206,7 +217,7 @@ def create_app(
     app.include_router(health.router)
     add_offline_docs(app)
     protected = APIRouter(dependencies=[Depends(require_token)], responses=problem_responses(401, 403, 503))
-    for module in (hosts, vms, tpm, jobs, orphans, abandoned):
+    for module in (hosts, vms, tpm, jobs, orphans, abandoned, strays):
         protected.include_router(module.router)
     app.include_router(protected)
     return app

@@ -16,6 +16,7 @@ from app.service.db.models import (
     HostHealth,
     Job,
     OrphanFile,
+    StrayFile,
 )
 
 JOBS_TOTAL = Counter("tpm_removal_jobs_total", "Removal jobs that reached a state, by state", ["state"])
@@ -34,12 +35,15 @@ JOBS_BY_STATE = Gauge(
     "Removal jobs in the database now, by state (succeeded and failed refreshed every minute, the others every 5 s)",
     ["state"],
 )
+STRAY_FILES = Gauge(
+    "tpm_stray_files", "Stray files: what hosts hold that no record names, as their last scans found it"
+)
 HOSTS_BY_HEALTH = Gauge("tpm_hosts", "Hosts in the database now, by health state", ["state"])
 
 
 async def refresh_gauges(session: AsyncSession, *, finished_jobs: bool = True) -> None:
-    """Set the database-backed gauges (jobs by state, orphan files pending, abandoned files, hosts by health) from
-    cheap queries.
+    """Set the database-backed gauges (jobs by state, orphan files pending, abandoned files, stray files, hosts by
+    health) from cheap queries.
 
     Finished jobs are counted only when `finished_jobs`: they are nearly all of the table, which only a scan
     counts, while the active ones are few and counted through the claim index, which holds only them.
@@ -51,6 +55,7 @@ async def refresh_gauges(session: AsyncSession, *, finished_jobs: bool = True) -
         JOBS_BY_STATE.labels(state=state).set(counts.get(state, 0))
     ORPHAN_FILES.set(await session.scalar(select(func.count()).select_from(OrphanFile)) or 0)
     ABANDONED_FILES.set(await session.scalar(select(func.count()).select_from(AbandonedFile)) or 0)
+    STRAY_FILES.set(await session.scalar(select(func.count()).select_from(StrayFile)) or 0)
     # A host without a health row has never failed a call: it is ok.
     health = func.coalesce(HostHealth.state, "ok")
     by_health = select(health, func.count()).select_from(Host).outerjoin(HostHealth).group_by(health)

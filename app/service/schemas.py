@@ -10,7 +10,7 @@ from app.protocol import FILE_TYPES, MAX_PATH_BYTES, SECRET_FILE_NAME_PATTERN, F
 from app.service.jobs.types import JobType
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
-HostState = Literal["pending", "deleted", "failed"]
+HostState = Literal["pending", "deleted", "scanned", "failed"]
 HealthState = Literal["ok", "failing"]
 
 
@@ -216,7 +216,7 @@ class TpmWithFilesOut(TpmOut):
 
 
 class JobHostOut(BaseModel):
-    """How one host's delete call of a job went."""
+    """How one host's call of a job went: its delete call, or its scan (`scanned`; `files`: the entries it listed)."""
 
     host_uuid: UUID
     files: int
@@ -225,11 +225,11 @@ class JobHostOut(BaseModel):
 
 
 class JobOut(BaseModel):
-    """A job that removes a VM's TPM (`remove-tpm`) or deletes the VM (`delete-vm`)."""
+    """A job that removes a VM's TPM (`remove-tpm`), deletes the VM (`delete-vm`) or scans a host (`scan-host`)."""
 
     id: UUID
     type: JobType
-    vm_uuid: UUID
+    vm_uuid: UUID | None = Field(description="The VM the job removes files of; null for a scan-host job")
     tpm_uuid: UUID | None = Field(description="The TPM the job removes; null for a delete-vm job of a VM without one")
     state: JobState
     created_at: UtcTime
@@ -238,6 +238,9 @@ class JobOut(BaseModel):
     hosts: list[JobHostOut]
     orphan_files: int
     error: str | None
+    strays: int | None = Field(
+        default=None, description="A scan-host job's: how many strays the scan left on its host's list"
+    )
     # Not part of the body: the answer's Retry-After header.
     _retry_after: int | None = PrivateAttr(default=None)
 
@@ -273,6 +276,21 @@ class AbandonedFileOut(_UnconfirmedFileOut):
     """An orphan file of a decommissioned host: never retried nor deleted; it may still be on that disk."""
 
     abandoned_at: UtcTime
+
+
+class StrayFileOut(BaseModel):
+    """Something a host holds that no record names, as the host's last scan found it."""
+
+    uuid: UUID
+    host_uuid: UUID
+    path: str
+    type: FileType
+    vm_uuid: UUID | None = Field(description="The VM its name or libvirt says it belongs to; null when none says")
+    vm_known: bool = Field(description="Whether vm_uuid names a VM of the inventory")
+    bytes: int
+    modified_at: UtcTime
+    first_seen_at: UtcTime
+    last_seen_at: UtcTime
 
 
 class Problem(BaseModel):

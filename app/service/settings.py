@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     job_lease_seconds: float = Field(default=30.0, gt=0)
     # How long a finished job stays readable after its finished_at; then the worker prunes it.
     job_retention_seconds: float = Field(default=604800.0, ge=0)
+    # How often each host is scanned for stray files, spread over the interval; 0: no periodic scans.
+    host_scan_interval_seconds: float = Field(default=86400.0, ge=0)
+    # A file younger than this is never a stray: it may belong to a VM being recorded right now.
+    stray_min_age_seconds: float = Field(default=3600.0, ge=0)
     # How long a stopping process lets its running jobs go on before it hands them back to the queue;
     # unset: AGENT_TIMEOUT_SECONDS + 2 s, so that agent calls in flight can end by themselves.
     shutdown_grace_seconds: float | None = Field(default=None, ge=0)

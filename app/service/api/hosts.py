@@ -6,13 +6,15 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.service.api.deps import AfterQuery, LimitQuery, SessionDep
+from app.service.api.deps import AfterQuery, EngineDep, LimitQuery, SessionDep
 from app.service.api.errors import problem_responses
+from app.service.api.jobs import JOB_ACCEPTED, job_response
 from app.service.api.links import set_next_link
 from app.service.inventory import service as inventory
 from app.service.inventory.decommission import delete_host
 from app.service.pagination import DEFAULT_LIMIT
-from app.service.schemas import HealthState, HostIn, HostOut
+from app.service.scan.request import request_scan
+from app.service.schemas import HealthState, HostIn, HostOut, JobOut
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +90,21 @@ async def decommission_host(
         abandoned = await delete_host(session, host_uuid, abandon_orphans=abandon_orphans)
     log.info("host decommissioned", extra={"host_uuid": str(host_uuid), "abandoned_files": abandoned})
     return Response(status_code=204)
+
+
+@router.post(
+    "/{host_uuid}/scan",
+    response_model=JobOut,
+    status_code=202,
+    summary="Scan a host for stray files",
+    description=(
+        "Answers 202 at once with a `scan-host` job (`Location: /jobs/{id}`); the job asks the host's agent what it "
+        "holds and, in one transaction, makes the host's stray list (`GET /stray-files`) what the host holds now that "
+        "no record names. A scan deletes nothing. While a scan of the host is queued or running, answers 202 with "
+        "that same job. 404 when the host is unknown."
+    ),
+    responses={202: JOB_ACCEPTED, **problem_responses(404, 422)},
+)
+async def scan_host(host_uuid: UUID, engine: EngineDep) -> Response:
+    job, _created = await request_scan(engine, host_uuid)
+    return job_response(job, status_code=202, headers={"Location": f"/jobs/{job.id}"})

@@ -11,6 +11,7 @@ from datetime import datetime
 from uuid import UUID
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -31,7 +32,7 @@ from app.protocol import FILE_TYPES
 JOB_STATES = ("queued", "running", "succeeded", "failed")
 ACTIVE_JOB_STATES = ("queued", "running")
 FINISHED_JOB_STATES = ("succeeded", "failed")
-HOST_STATES = ("pending", "deleted", "failed")
+HOST_STATES = ("pending", "deleted", "scanned", "failed")
 HEALTH_STATES = ("ok", "failing")
 
 
@@ -57,11 +58,15 @@ class Host(Base):
     """A KVM host and the URL of its agent."""
 
     __tablename__ = "hosts"
+    # Periodic scans look for the hosts that are due.
+    __table_args__ = (Index("ix_hosts_next_scan_at", "next_scan_at"),)
 
     uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), nullable=False)
     agent_url: Mapped[str] = mapped_column(String(2048), nullable=False)
     created_at: Mapped[datetime] = _created_at()
+    # When the host's next periodic scan is due; null until the first round spreads it over the interval.
+    next_scan_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Vm(Base):
@@ -159,6 +164,8 @@ class Job(Base):
             unique=True,
             postgresql_where=ACTIVE_JOB,
         ),
+        # One active scan per host: concurrent scan requests and periodic scans share it.
+        Index("uq_jobs_one_active_per_host", "host_uuid", unique=True, postgresql_where=ACTIVE_JOB),
         Index("ix_jobs_vm_uuid_created_at", "vm_uuid", "created_at"),
         Index("ix_jobs_created_at", "created_at"),
         # Retention scans only finished jobs, oldest finished first.
@@ -177,8 +184,12 @@ class Job(Base):
 
     id: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
     type: Mapped[str] = mapped_column(String(32), nullable=False, server_default="remove-tpm")
-    # No foreign key: a delete-vm job outlives its VM, and stays readable after it.
-    vm_uuid: Mapped[UUID] = mapped_column(Uuid, nullable=False)
+    # No foreign key: a delete-vm job outlives its VM, and stays readable after it. A scan-host job has none.
+    vm_uuid: Mapped[UUID | None] = mapped_column(Uuid)
+    # The host a scan-host job scans (no foreign key either: the job outlives a decommissioned host).
+    host_uuid: Mapped[UUID | None] = mapped_column(Uuid)
+    # How many strays a scan-host job left on its host's list.
+    strays: Mapped[int | None] = mapped_column(Integer)
     # The TPM the job removes; a delete-vm job of a VM without one has none.
     tpm_uuid: Mapped[UUID | None] = mapped_column(Uuid)
     state: Mapped[str] = mapped_column(String(16), nullable=False, server_default="queued")
@@ -226,6 +237,27 @@ class JobFile(Base):
     type: Mapped[str] = mapped_column(String(16), nullable=False)
 
 
+class StrayFile(Base):
+    """Something a host holds that no record names, as its last scan found it (CONTRACT.md, "Stray files")."""
+
+    __tablename__ = "stray_files"
+    __table_args__ = (
+        CheckConstraint(_in("type", FILE_TYPES), name="ck_stray_files_type"),
+        UniqueConstraint("host_uuid", "path", name="uq_stray_files_host_path"),
+    )
+
+    uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
+    # A host's stray list goes with the host.
+    host_uuid: Mapped[UUID] = mapped_column(Uuid, ForeignKey("hosts.uuid", ondelete="CASCADE"), nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    type: Mapped[str] = mapped_column(String(16), nullable=False)
+    vm_uuid: Mapped[UUID | None] = mapped_column(Uuid)
+    bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    modified_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    first_seen_at: Mapped[datetime] = _created_at()
+    last_seen_at: Mapped[datetime] = _created_at()
+
+
 class OrphanFile(Base):
     """A file whose host did not confirm its deletion; retried with backoff until it does."""
 
@@ -234,6 +266,7 @@ class OrphanFile(Base):
         CheckConstraint(_in("type", FILE_TYPES), name="ck_orphan_files_type"),
         Index("ix_orphan_files_due", "next_attempt_at"),
         Index("ix_orphan_files_host_uuid", "host_uuid", "uuid"),
+        Index("ix_orphan_files_host_path", "host_uuid", "path"),
     )
 
     uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
@@ -256,7 +289,10 @@ class AbandonedFile(Base):
     """A former orphan of a decommissioned host: never retried, never deleted, left for an operator to clean."""
 
     __tablename__ = "abandoned_files"
-    __table_args__ = (Index("ix_abandoned_files_host_uuid", "host_uuid", "uuid"),)
+    __table_args__ = (
+        Index("ix_abandoned_files_host_uuid", "host_uuid", "uuid"),
+        Index("ix_abandoned_files_host_path", "host_uuid", "path"),
+    )
 
     uuid: Mapped[UUID] = mapped_column(Uuid, primary_key=True)
     # No foreign key: the host is gone; its UUID still says which disk to look at. Nor a check of the type: every

@@ -65,6 +65,7 @@ def job_out(job: Job, hosts: list[JobHostOut]) -> JobOut:
         hosts=hosts,
         orphan_files=job.orphan_files,
         error=job.error,
+        strays=job.strays,
     )
     out.retry_after = retry_after_seconds(job.state, job.run_after)
     return out

@@ -8,3 +8,4 @@ class JobType(StrEnum):
 
     REMOVE_TPM = "remove-tpm"
     DELETE_VM = "delete-vm"
+    SCAN_HOST = "scan-host"

@@ -14,7 +14,6 @@ become orphans at once, and its probes tell when it answers again. Every write i
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -25,9 +24,10 @@ import asyncpg
 
 from app.service.agent_client import AgentClient, FileToDelete, HostDeleteResult, not_called
 from app.service.backoff import Backoff
-from app.service.db.engine import Engine, driver_connection
+from app.service.db.engine import Engine
 from app.service.db.queries import NamedStatements
 from app.service.errors import LeaseLostError
+from app.service.jobs.fenced import run_fenced
 from app.service.jobs.lease import LeaseClock
 from app.service.jobs.queue import JobClaim
 from app.service.orphans.health import log_health_changes
@@ -102,16 +102,8 @@ class Removal:
     async def _fenced(
         self, claim: JobClaim, lease: LeaseClock, name: str, params: dict[str, Any]
     ) -> list[asyncpg.Record]:
-        """Run one fenced statement on its own (no transaction around it); its rows, or LeaseLostError if none."""
-        sent_at = time.monotonic()
-        # Every statement of a job is fenced and atomic by itself: none needs a transaction around it.
-        async with driver_connection(self._engine) as connection:
-            rows = await STATEMENTS.run(connection, name, {**claim.fence_params(lease.lease_seconds), **params})
-        if not rows:
-            lease.lose()
-            raise LeaseLostError(f"job {claim.job_id}: lease was taken over")
-        lease.renewed(sent_at)
-        return rows
+        """Run one of the removal's fenced statements (app/service/jobs/fenced.py)."""
+        return await run_fenced(self._engine, STATEMENTS, claim, lease, name, params)
 
     async def plan_removal(self, claim: JobClaim, lease: LeaseClock) -> list[HostPlan]:
         """Record the job's files and hosts once (a resumed job keeps its plan); the hosts still pending."""
